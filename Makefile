@@ -1,0 +1,30 @@
+# Common developer commands. Every target sets up .venv first (cheap when already done).
+PY := .venv/bin/python
+
+.PHONY: setup test test-all lint format demo bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup  ## includes the slow marker (long Monte Carlo and exact sweeps)
+	$(PY) -m pytest -q -m ""
+
+lint: setup
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+format: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+demo: setup
+	$(PY) -m opdplus_jax.analysis.report
+
+bench: setup
+	$(PY) benchmarks/advantages.py
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv with a Python >= 3.12 and installs the package with its test extras.
+# Re-running is cheap: the install is skipped while setup.py is unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${VENV:-.venv}
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
+  py=$(bash scripts/find_python.sh)
+  echo "setup: creating $venv with $py"
+  rm -rf "$venv"
+  "$py" -m venv "$venv"
+fi
+stamp="$venv/.opdplus_installed"
+want=$(cat setup.py | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -e ".[test]"
+  echo "$want" > "$stamp"
+fi
+"$venv/bin/python" -c 'import jax, flax; print(f"setup: jax {jax.__version__}, flax {flax.__version__}, python", __import__("sys").version.split()[0])'

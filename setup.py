@@ -1,0 +1,45 @@
+"""Package metadata for opdplus_jax (on-policy distillation estimators in JAX/Flax)."""
+
+from setuptools import find_packages, setup
+
+# Pinned ranges: lower bounds are the versions the project is tested with, upper bounds stop a
+# minor release with breaking API changes (flax NNX, orbax, grain move fast) from landing silently.
+INSTALL_REQUIRES = [
+    "jax>=0.11,<0.13",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.11.20,<0.13",
+    "grain>=0.2.12,<0.3",
+    "transformers>=5.0,<6",
+    "tokenizers>=0.22,<0.24",
+    "safetensors>=0.6,<0.9",
+    "jinja2>=3.1,<4",
+    "ml-collections>=1.0,<2",
+    "chex>=0.1.90,<0.2",
+    "numpy>=2.0,<3",
+    "absl-py>=2.1,<3",
+    "tqdm>=4.66,<5",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest>=8.3,<10",
+        "pytest-xdist>=3.6,<4",
+        "hypothesis>=6.100,<7",
+        "scipy>=1.13,<2",
+        "ruff>=0.15,<0.18",
+    ],
+}
+
+setup(
+    name="opdplus_jax",
+    version="0.1.0",
+    description="On-policy distillation (OPD, OPD+, G-OPD/ExOPD) estimators and trainer in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.12",
+    packages=find_packages(include=["opdplus_jax", "opdplus_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    license="Apache-2.0",
+)

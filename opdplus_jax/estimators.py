@@ -1,0 +1,311 @@
+"""Per-token advantages for on-policy distillation: OPD, OPD+ and G-OPD/ExOPD.
+
+Inputs are per-token log-probs of the sampled response tokens, all [B, T]:
+``student_logp`` (ls, the learner's log pi), ``teacher_logp`` (lt, log q) and optionally
+``ref_logp`` (lr, log r), with ``mask`` [B, T] equal to 1 on response tokens (up to and including
+EOS) and 0 on padding and after EOS. The per-token log-ratio is
+
+    log u_t = lambda lt_t + (1 - lambda) lr_t - ls_t          (lambda = reward_scale)
+
+so lambda = 1 is plain OPD, lambda > 1 is ExOPD, and the reward is -f(u_t). Advantages are
+ascended: the loss surrogate is -sum_t sg(A_t) log pi(y_t | c_t) (see `opdplus_jax.losses`).
+
+- ``level="token"``: A_t = a(u_t) - sum_{s>t} discount^(s-t) f(u_s), where a = w_f (OPD+, the
+  default) or -f (stop-gradient). discount = 1 is unbiased for grad E[sum_t f(u_t)];
+  discount = 0 for the myopic gradient (context distribution held fixed). The reward-to-go is a
+  reverse `lax.scan` over T. With ``discount_objective=True`` step t (0-based) is further scaled
+  by discount^t, which makes it unbiased for grad E[sum_t discount^t D_t].
+- ``level="sequence"``: with log U = sum_t log u_t, every token gets w_f(U) or -f(U); unbiased
+  for the sequence-level divergence.
+
+Stop-gradient is unbiased only for reverse KL; the bias of every option is derived in
+shared/MATH.md and computed exactly by `opdplus_jax.analysis`. Masked positions never
+contribute: their log-ratios are zeroed before any arithmetic (a -inf or NaN teacher log-prob on
+padding cannot leak), and their advantages are exactly 0.
+
+Optional ``log_ratio_clip=c`` clamps each log u_t to [-c, c] (off by default; biased, see
+shared/MATH.md N5); `estimate` reports the fraction of response tokens it changed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from opdplus_jax import divergences
+
+__all__ = [
+    "CORRECTIONS",
+    "LEVELS",
+    "Estimate",
+    "advantages",
+    "estimate",
+    "group_baseline",
+    "log_ratio",
+]
+
+CORRECTIONS = ("opd_plus", "stop_grad")
+LEVELS = ("token", "sequence")
+BASELINES = ("loo", "mean", "mean_std")
+
+Correction = Literal["opd_plus", "stop_grad"]
+Level = Literal["token", "sequence"]
+
+
+class Estimate(NamedTuple):
+    """Advantages and what they were built from, all [B, T] except `clip_fraction` (scalar)."""
+
+    advantages: jax.Array  # A_t, zero where mask == 0
+    log_ratio: jax.Array  # log u_t after clipping, zero where mask == 0
+    reward: jax.Array  # -f(u_t), the per-token reward, zero where mask == 0
+    clip_fraction: jax.Array  # fraction of response tokens whose log-ratio was clipped
+
+
+def _check_arrays(student_logp, teacher_logp, mask, ref_logp):
+    arrays = {"student_logp": student_logp, "teacher_logp": teacher_logp, "mask": mask}
+    if ref_logp is not None:
+        arrays["ref_logp"] = ref_logp
+    shapes = {k: tuple(jnp.shape(v)) for k, v in arrays.items()}
+    if len(set(shapes.values())) != 1 or len(shapes["mask"]) != 2:
+        raise ValueError(f"expected arrays of one shape [B, T]; got shapes {shapes}")
+    for k, v in arrays.items():
+        if k != "mask" and not jnp.issubdtype(jnp.result_type(v), jnp.floating):
+            raise ValueError(f"{k} must be a floating-point array of log-probs, got {v.dtype}")
+
+
+def _check_config(correction, level, discount, reward_scale, ref_logp, log_ratio_clip):
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    if not (isinstance(discount, int | float) and 0.0 <= discount <= 1.0):
+        raise ValueError(f"discount must be a Python float in [0, 1], got {discount!r}")
+    if level == "sequence" and discount not in (0.0, 1.0):
+        raise ValueError(
+            "discount has no meaning at level='sequence' (every token gets the sequence "
+            f"advantage); leave it at its default, got {discount!r}"
+        )
+    if not (isinstance(reward_scale, int | float) and math.isfinite(reward_scale)):
+        raise ValueError(f"reward_scale must be a finite Python float, got {reward_scale!r}")
+    if reward_scale != 1.0 and ref_logp is None:
+        raise ValueError(
+            f"reward_scale={reward_scale} needs ref_logp (the reference model's log-probs of the "
+            "sampled tokens): log u = lambda log q + (1 - lambda) log r - log pi"
+        )
+    if log_ratio_clip is not None and not (
+        isinstance(log_ratio_clip, int | float) and log_ratio_clip > 0
+    ):
+        raise ValueError(f"log_ratio_clip must be None or a positive float, got {log_ratio_clip!r}")
+
+
+def log_ratio(
+    student_logp: jax.Array,
+    teacher_logp: jax.Array,
+    *,
+    reward_scale: float = 1.0,
+    ref_logp: jax.Array | None = None,
+) -> jax.Array:
+    """log u = lambda lt + (1 - lambda) lr - ls, in at least float32 (never bf16)."""
+    dtype = jnp.promote_types(jnp.result_type(student_logp, teacher_logp), jnp.float32)
+    ls = jnp.asarray(student_logp, dtype)
+    lt = jnp.asarray(teacher_logp, dtype)
+    if reward_scale == 1.0:
+        return lt - ls
+    lr = jnp.asarray(ref_logp, dtype)
+    return reward_scale * lt + (1.0 - reward_scale) * lr - ls
+
+
+def _reward_to_go(reward_BT: jax.Array, discount: float) -> jax.Array:
+    """future_t = sum_{s>t} discount^(s-t) reward_s, by a reverse scan over T."""
+    if discount == 0.0:
+        return jnp.zeros_like(reward_BT)
+
+    def step(carry, reward_t):
+        # carry = future_t (the discounted sum over tokens after t); emit it, then fold in r_t
+        # to get future_{t-1} = discount * (r_t + future_t) for the next (earlier) step.
+        return discount * (reward_t + carry), carry
+
+    reward_TB = reward_BT.T
+    _, future_TB = jax.lax.scan(
+        step, jnp.zeros_like(reward_TB[0]), reward_TB, reverse=True, unroll=8
+    )
+    return future_TB.T
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "divergence",
+        "correction",
+        "level",
+        "discount",
+        "reward_scale",
+        "log_ratio_clip",
+        "discount_objective",
+    ),
+)
+def _estimate(
+    student_logp,
+    teacher_logp,
+    mask,
+    ref_logp,
+    *,
+    divergence: divergences.Divergence,
+    correction: str,
+    level: str,
+    discount: float,
+    reward_scale: float,
+    log_ratio_clip: float | None,
+    discount_objective: bool,
+) -> Estimate:
+    valid = jnp.asarray(mask) > 0
+    raw = log_ratio(student_logp, teacher_logp, reward_scale=reward_scale, ref_logp=ref_logp)
+    raw = jnp.where(valid, raw, 0.0)
+    if log_ratio_clip is None:
+        log_u = raw
+        clip_fraction = jnp.zeros((), raw.dtype)
+    else:
+        log_u = jnp.clip(raw, -log_ratio_clip, log_ratio_clip)
+        num_valid = jnp.maximum(valid.sum(), 1)
+        clip_fraction = ((log_u != raw) & valid).sum() / num_valid
+    fm = valid.astype(log_u.dtype)
+    advantage_fn = (
+        divergence.opd_plus_advantage
+        if correction == "opd_plus"
+        else divergence.stop_grad_advantage
+    )
+    reward = -divergence.f(log_u) * fm
+
+    if level == "sequence":
+        log_u_seq = log_u.sum(axis=-1, keepdims=True)  # [B, 1]
+        adv = advantage_fn(log_u_seq) * fm
+    else:
+        adv = (advantage_fn(log_u) + _reward_to_go(reward, discount)) * fm
+        if discount_objective:
+            t = jnp.arange(adv.shape[-1], dtype=adv.dtype)
+            adv = adv * (discount**t if discount > 0 else (t == 0).astype(adv.dtype))
+    return Estimate(advantages=adv, log_ratio=log_u, reward=reward, clip_fraction=clip_fraction)
+
+
+def estimate(
+    student_logp: jax.Array,
+    teacher_logp: jax.Array,
+    mask: jax.Array,
+    *,
+    divergence: str | divergences.Divergence = "reverse_kl",
+    correction: Correction = "opd_plus",
+    level: Level = "token",
+    discount: float = 0.0,
+    reward_scale: float = 1.0,
+    ref_logp: jax.Array | None = None,
+    log_ratio_clip: float | None = None,
+    discount_objective: bool = False,
+) -> Estimate:
+    """Like `advantages`, also returning the log-ratios, rewards and the clip fraction."""
+    _check_arrays(student_logp, teacher_logp, mask, ref_logp)
+    _check_config(correction, level, discount, reward_scale, ref_logp, log_ratio_clip)
+    return _estimate(
+        student_logp,
+        teacher_logp,
+        mask,
+        ref_logp if reward_scale != 1.0 else None,
+        divergence=divergences.get(divergence),
+        correction=correction,
+        level=level,
+        discount=float(discount),
+        reward_scale=float(reward_scale),
+        log_ratio_clip=None if log_ratio_clip is None else float(log_ratio_clip),
+        discount_objective=bool(discount_objective),
+    )
+
+
+def advantages(
+    student_logp: jax.Array,
+    teacher_logp: jax.Array,
+    mask: jax.Array,
+    *,
+    divergence: str | divergences.Divergence = "reverse_kl",
+    correction: Correction = "opd_plus",
+    level: Level = "token",
+    discount: float = 0.0,
+    reward_scale: float = 1.0,
+    ref_logp: jax.Array | None = None,
+    log_ratio_clip: float | None = None,
+    discount_objective: bool = False,
+) -> jax.Array:
+    """Per-token OPD / OPD+ / G-OPD advantages [B, T] (zero where mask is 0); see module doc.
+
+    Args:
+      student_logp, teacher_logp: [B, T] log-probs of the sampled tokens under the learner and the
+        teacher. Compute both with the learner-side forward, not the rollout engine (MATH 5.2).
+      mask: [B, T], 1 on response tokens (through EOS), 0 elsewhere.
+      divergence: a registered name (`opdplus_jax.divergences.names()`) or a Divergence object.
+      correction: "opd_plus" (w_f(u) = u f'(u) - f(u), unbiased) or "stop_grad" (-f(u)).
+      level: "token" or "sequence".
+      discount: gamma in [0, 1] for the reward-to-go of later tokens' rewards (token level).
+      reward_scale: lambda of G-OPD; != 1 needs `ref_logp`. 1.25 is ExOPD.
+      ref_logp: [B, T] reference log-probs (student init, or the teacher's pre-RL base).
+      log_ratio_clip: clamp log u to [-c, c] (biased; off by default).
+      discount_objective: scale step t by discount^t (unbiased for the discounted objective).
+
+    Jit-able: config arguments are Python values; call under `jax.jit` with them bound.
+    """
+    return estimate(
+        student_logp,
+        teacher_logp,
+        mask,
+        divergence=divergence,
+        correction=correction,
+        level=level,
+        discount=discount,
+        reward_scale=reward_scale,
+        ref_logp=ref_logp,
+        log_ratio_clip=log_ratio_clip,
+        discount_objective=discount_objective,
+    ).advantages
+
+
+def group_baseline(
+    advantages_BT: jax.Array,
+    mask: jax.Array,
+    group_size: int,
+    *,
+    kind: Literal["loo", "mean", "mean_std"] = "loo",
+    eps: float = 1e-6,
+) -> jax.Array:
+    """Subtracts a per-position group baseline from advantages of n samples per prompt.
+
+    Rows are grouped consecutively: rows [g*n, (g+1)*n) are the n samples of prompt g.
+
+    - "loo": b_{i,t} = mean of A_{j,t} over the other samples j != i of the group that are still
+      active at t (0 if none). It depends only on other, independent samples, so it is unbiased
+      (shared/MATH.md 5.1).
+    - "mean": b includes the sample itself; this equals (n-1)/n times "loo", so it estimates
+      (n-1)/n times the gradient (unbiased up to that scale).
+    - "mean_std": "mean", then divided by the group std (GRPO-style). BIASED: it changes the
+      direction, not only the scale; offered for comparison.
+    """
+    if kind not in BASELINES:
+        raise ValueError(f"kind must be one of {BASELINES}, got {kind!r}")
+    b, t = jnp.shape(advantages_BT)
+    if group_size < 1 or b % group_size:
+        raise ValueError(f"batch size {b} is not a multiple of group_size={group_size}")
+    if kind == "loo" and group_size < 2:
+        raise ValueError("a leave-one-out baseline needs group_size >= 2")
+    fm = (jnp.asarray(mask) > 0).astype(advantages_BT.dtype).reshape(-1, group_size, t)
+    adv = advantages_BT.reshape(-1, group_size, t) * fm
+    total, count = adv.sum(axis=1, keepdims=True), fm.sum(axis=1, keepdims=True)
+    if kind == "loo":
+        others = jnp.maximum(count - fm, 1.0)
+        centred = adv - (total - adv) / others
+    else:
+        mean = total / jnp.maximum(count, 1.0)
+        centred = adv - mean
+        if kind == "mean_std":
+            var = (jnp.square(centred) * fm).sum(axis=1, keepdims=True) / jnp.maximum(count, 1.0)
+            centred = centred / (jnp.sqrt(var) + eps)
+    return (centred * fm).reshape(b, t)

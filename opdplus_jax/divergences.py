@@ -374,8 +374,9 @@ class SkewReverseKL(Divergence):
 class SkewForwardKL(Divergence):
     """Skew forward KL, KL(q || a q + (1-a) pi), a in (0, 1).
 
-    With n = log(a u + 1 - a): f = u (log u - n); w = (1-a) u / (a u + 1 - a) = (1-a) exp(log u - n),
-    bounded by (1-a)/a. f grows like -u log a as log u -> +inf (guarded).
+    With n = log(a u + 1 - a): f = u (log u - n);
+    w = (1-a) u / (a u + 1 - a) = (1-a) exp(log u - n), bounded by (1-a)/a.
+    f grows like -u log a as log u -> +inf (guarded).
     """
 
     alpha: float = 0.1

@@ -6,12 +6,12 @@ were built for. How the terms are summed matters for bias with variable-length r
 (shared/MATH.md 5.2). With B rows, T = the padded length (or `max_len`) and |y_b| the response
 length of row b:
 
-| aggregation               | loss                               | unbiased for          |
-|---------------------------|------------------------------------|-----------------------|
-| `seq_mean_token_sum_norm` | sum_b sum_t l / (B * T)  (default) | grad J / T            |
-| `seq_mean_token_sum`      | sum_b sum_t l / B                  | grad J                |
-| `token_mean`              | sum_b sum_t l / sum_b |y_b|        | biased (ratio, O(1/B))|
-| `seq_mean_token_mean`     | mean_b (sum_t l / |y_b|)           | biased (|y| depends on future tokens) |
+| aggregation               | loss                               | unbiased for           |
+|---------------------------|------------------------------------|------------------------|
+| `seq_mean_token_sum_norm` | sum_b sum_t l / (B * T)  (default) | grad J / T             |
+| `seq_mean_token_sum`      | sum_b sum_t l / B                  | grad J                 |
+| `token_mean`              | sum_b sum_t l / sum_b |y_b|        | biased (ratio, O(1/B)) |
+| `seq_mean_token_mean`     | mean_b (sum_t l / |y_b|)           | biased (|y| is random)  |
 
 With fixed-length responses all four are exact rescalings of each other.
 """

@@ -2,7 +2,8 @@
 
     from opdplus_jax import analysis
     problem = analysis.Problem.random(0, vocab_size=3, horizon=3)
-    report = analysis.evaluate(problem, analysis.Estimator(divergence="jsd", correction="stop_grad"))
+    estimator = analysis.Estimator(divergence="jsd", correction="stop_grad")
+    report = analysis.evaluate(problem, estimator)
     report.relative_bias, report.variance
 
 Run in float64 (`jax.config.update("jax_enable_x64", True)` or `with jax.enable_x64(True):`)

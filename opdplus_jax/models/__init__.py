@@ -1,0 +1,17 @@
+"""Flax NNX causal LMs that load and export Hugging Face checkpoints (see `transformer` for the
+call contract, `checkpoint_io` for loading/export, `config` for supported families)."""
+
+from opdplus_jax.models.checkpoint_io import from_pretrained, save_pretrained, tensor_specs
+from opdplus_jax.models.config import ModelConfig, config_from_hf, load_config
+from opdplus_jax.models.transformer import CausalLM, KVCache
+
+__all__ = [
+    "CausalLM",
+    "KVCache",
+    "ModelConfig",
+    "config_from_hf",
+    "from_pretrained",
+    "load_config",
+    "save_pretrained",
+    "tensor_specs",
+]

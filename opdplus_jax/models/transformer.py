@@ -1,0 +1,340 @@
+"""Flax NNX decoder-only transformer (Qwen3 / Qwen2 / Llama 3 families).
+
+Contract (shared by student, teacher and reference models, and by `opdplus_jax.sampling`):
+
+```python
+model = models.from_pretrained(path, dtype=jnp.float32, param_dtype=None, mesh=None)
+cfg = model.config                                   # ModelConfig
+logits_BLV = model(tokens_BL, positions_BL=None, attention_mask_BL=None)
+cache = model.init_cache(batch_size, max_length, dtype=None)
+logits_BLV, cache = model.decode(tokens_BL, positions_BL, cache, write_index, kv_mask_BS)
+graphdef, params = nnx.split(model, nnx.Param)
+```
+
+- `__call__` is the full causal forward (training / scoring). `attention_mask_BL`: 1 = real token,
+  0 = padding; padding keys are never attended to. `positions_BL` defaults to `cumsum(mask) - 1`
+  (clipped at 0), so left padding does not shift RoPE positions.
+- `init_cache` returns a pure pytree: a list with one `{"k": [B, S, K, H], "v": [B, S, K, H]}`
+  dict per layer (S = max_length, K = kv heads, H = head dim), zeros, donate-able.
+- `decode` writes the L new tokens' keys/values into slots `[write_index, write_index + L)` (the
+  same slots for every row: left-padded layout) and lets new token l attend to slots
+  `s <= write_index + l` with `kv_mask_BS[b, s]` set (the caller marks the new slots as real).
+  RoPE uses `positions_BL`. Prefill is `write_index=0, L=prompt length`; a decode step is `L=1`.
+  `write_index` may be a traced int32 scalar (the whole call is jit-able).
+- Logits are float32 [B, L, V] whatever the parameter/activation dtype; V is the embedding size,
+  which can exceed the tokenizer's vocabulary (slice with `logits[..., :tokenizer.vocab_size]`).
+
+Parameter layout (logical axes in parentheses, see `opdplus_jax.sharding`): embedding [V, D]
+(vocab, embed); q [D, N, H] (embed, heads, head_dim); k, v [D, K, H]; o [N, H, D]; gate/up
+[D, F] (embed, mlp); down [F, D]; lm_head [D, V] (absent when tied).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from opdplus_jax import sharding as shd
+from opdplus_jax.models.config import ModelConfig
+
+KVCache = list[dict[str, jax.Array]]
+_NEG = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked rows stay NaN-free
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init="normal"):
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, statistics in float32 (as transformers does)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [H/2] (float32) and the cos/sin scaling factor for `cfg`'s RoPE."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    exps = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    pos_freqs = np.power(np.float32(base), exps, dtype=np.float32)
+    inv_freq = (1.0 / pos_freqs).astype(np.float32)
+    p = cfg.rope_param
+    scaling = 1.0
+    if cfg.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(p("factor"))
+    elif cfg.rope_type == "llama3":
+        factor, lo, hi = p("factor"), p("low_freq_factor"), p("high_freq_factor")
+        old = p("original_max_position_embeddings")
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    elif cfg.rope_type == "yarn":
+        old = p("original_max_position_embeddings", cfg.max_position_embeddings)
+        factor = p("factor") or cfg.max_position_embeddings / old
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        scaling = p("attention_factor")
+        if scaling is None:
+            m, m_all = p("mscale"), p("mscale_all_dim")
+            scaling = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        fast, slow = p("beta_fast") or 32, p("beta_slow") or 1
+
+        def corr(rot):
+            return dim * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = corr(fast), corr(slow)
+        if p("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        high = high + 0.001 if low == high else high
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        extra = 1 - ramp
+        inv_freq = (inv_freq / factor * (1 - extra) + inv_freq * extra).astype(np.float32)
+    return inv_freq, float(scaling)
+
+
+def rope_sin_cos(cfg: ModelConfig, positions_BL: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """sin, cos tables [B, L, 1, H] for the rotate-half RoPE convention."""
+    inv_freq, scaling = rope_inv_freq(cfg)
+    freqs = positions_BL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return (jnp.sin(emb) * scaling).astype(dtype), (jnp.cos(emb) * scaling).astype(dtype)
+
+
+def apply_rope(x_BLNH: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x_BLNH, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x_BLNH * cos + rotated * sin
+
+
+def attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, num_kv_heads: int) -> jax.Array:
+    """Grouped-query softmax attention; scores and softmax in float32. Returns [B, L, N, H]."""
+    b, length, n, h = q_BLNH.shape
+    q = q_BLNH.reshape(b, length, num_kv_heads, n // num_kv_heads, h)
+    scores = jnp.einsum("BLKGH,BSKH->BKGLS", q, k_BSKH, preferred_element_type=jnp.float32)
+    scores = scores * (h**-0.5)
+    scores = jnp.where(mask_BLS[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    out = jnp.einsum("BKGLS,BSKH->BLKGH", probs, v_BSKH)
+    return out.reshape(b, length, n, h)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg, self.dtype = cfg, dtype
+        self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
+        self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.o_proj = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (n, h), ("heads", "head_dim"), param_dtype, "zeros")
+            self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), param_dtype, "zeros")
+            self.v_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), param_dtype, "zeros")
+        if cfg.o_bias:
+            self.o_bias = _param(rngs, (d,), ("norm",), param_dtype, "zeros")
+        if cfg.qk_norm:
+            self.q_norm = _param(rngs, (h,), ("head_dim",), param_dtype, "ones")
+            self.k_norm = _param(rngs, (h,), ("head_dim",), param_dtype, "ones")
+
+    def qkv(self, x_BLD, sin, cos):
+        cfg, dt = self.cfg, self.dtype
+        q = jnp.einsum("BLD,DNH->BLNH", x_BLD, self.q_proj[...].astype(dt))
+        k = jnp.einsum("BLD,DKH->BLKH", x_BLD, self.k_proj[...].astype(dt))
+        v = jnp.einsum("BLD,DKH->BLKH", x_BLD, self.v_proj[...].astype(dt))
+        if cfg.qkv_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        if cfg.qk_norm:
+            q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+            k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+        return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
+
+    def out(self, o_BLNH):
+        y = jnp.einsum("BLNH,NHD->BLD", o_BLNH, self.o_proj[...].astype(self.dtype))
+        if self.cfg.o_bias:
+            y = y + self.o_bias[...].astype(self.dtype)
+        return y
+
+    def __call__(self, x_BLD, sin, cos, mask_BLS):
+        q, k, v = self.qkv(x_BLD, sin, cos)
+        return self.out(attention(q, k, v, mask_BLS, self.cfg.num_kv_heads))
+
+    def decode(self, x_BLD, sin, cos, mask_BLS, cache: dict[str, jax.Array], write_index):
+        q, k, v = self.qkv(x_BLD, sin, cos)
+        start = (0, write_index, 0, 0)
+        ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+        cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+        o = attention(q, ck.astype(self.dtype), cv.astype(self.dtype), mask_BLS, k.shape[2])
+        return self.out(o), {"k": ck, "v": cv}
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.cfg, self.dtype = cfg, dtype
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), param_dtype)
+        if cfg.mlp_bias:
+            self.gate_bias = _param(rngs, (f,), ("mlp",), param_dtype, "zeros")
+            self.up_bias = _param(rngs, (f,), ("mlp",), param_dtype, "zeros")
+            self.down_bias = _param(rngs, (d,), ("norm",), param_dtype, "zeros")
+
+    def __call__(self, x_BLD):
+        dt = self.dtype
+        gate = jnp.einsum("BLD,DF->BLF", x_BLD, self.gate_proj[...].astype(dt))
+        up = jnp.einsum("BLD,DF->BLF", x_BLD, self.up_proj[...].astype(dt))
+        if self.cfg.mlp_bias:
+            gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
+        y = jnp.einsum("BLF,FD->BLD", jax.nn.silu(gate) * up, self.down_proj[...].astype(dt))
+        if self.cfg.mlp_bias:
+            y = y + self.down_bias[...].astype(dt)
+        return y
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.eps = cfg.rms_norm_eps
+        self.input_norm = _param(rngs, (d,), ("norm",), param_dtype, "ones")
+        self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_norm = _param(rngs, (d,), ("norm",), param_dtype, "ones")
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x_BLD, sin, cos, mask_BLS):
+        x_BLD = x_BLD + self.attn(
+            rms_norm(x_BLD, self.input_norm[...], self.eps), sin, cos, mask_BLS
+        )
+        return x_BLD + self.mlp(rms_norm(x_BLD, self.post_attention_norm[...], self.eps))
+
+    def decode(self, x_BLD, sin, cos, mask_BLS, cache, write_index):
+        h = rms_norm(x_BLD, self.input_norm[...], self.eps)
+        a, cache = self.attn.decode(h, sin, cos, mask_BLS, cache, write_index)
+        x_BLD = x_BLD + a
+        return x_BLD + self.mlp(rms_norm(x_BLD, self.post_attention_norm[...], self.eps)), cache
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only causal LM; see the module docstring for the call contract."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = None,
+        rngs: nnx.Rngs,
+        mesh: Mesh | None = None,
+        rules: shd.AxisRules = shd.LOGICAL_RULES,
+    ):
+        param_dtype = dtype if param_dtype is None else param_dtype
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)
+        self.mesh, self.rules = mesh, rules
+        v, d = config.vocab_size, config.hidden_size
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype, "rngs": rngs}
+        self.embed_tokens = _param(rngs, (v, d), ("vocab", "embed"), self.param_dtype)
+        self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_layers)])
+        self.norm = _param(rngs, (d,), ("norm",), self.param_dtype, "ones")
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), self.param_dtype)
+
+    def _constrain(self, x, axes):
+        return shd.constrain(x, axes, self.mesh, self.rules)
+
+    def _embed(self, tokens_BL):
+        x = jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(self.dtype)
+        return self._constrain(x, ("batch", "length", "embed_act"))
+
+    def _logits(self, x_BLD):
+        x_BLD = rms_norm(x_BLD, self.norm[...], self.config.rms_norm_eps)
+        if self.config.tie_word_embeddings:
+            w, spec = self.embed_tokens[...].astype(self.dtype), "BLD,VD->BLV"
+        else:
+            w, spec = self.lm_head[...].astype(self.dtype), "BLD,DV->BLV"
+        logits = jnp.einsum(spec, x_BLD, w, preferred_element_type=jnp.float32)
+        return self._constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def __call__(
+        self,
+        tokens_BL: jax.Array,
+        positions_BL: jax.Array | None = None,
+        attention_mask_BL: jax.Array | None = None,
+    ) -> jax.Array:
+        """Full causal forward: float32 logits [B, L, V]."""
+        tokens_BL = jnp.asarray(tokens_BL, jnp.int32)
+        length = tokens_BL.shape[1]
+        if attention_mask_BL is None:
+            mask_BL = jnp.ones(tokens_BL.shape, bool)
+        else:
+            mask_BL = jnp.asarray(attention_mask_BL).astype(bool)
+        if positions_BL is None:
+            positions_BL = jnp.maximum(jnp.cumsum(mask_BL.astype(jnp.int32), axis=1) - 1, 0)
+        causal_LS = jnp.tril(jnp.ones((length, length), bool))
+        mask_BLS = causal_LS[None] & mask_BL[:, None, :]
+        sin, cos = rope_sin_cos(self.config, positions_BL, self.dtype)
+        x = self._embed(tokens_BL)
+        for layer in self.layers:
+            x = layer(x, sin, cos, mask_BLS)
+        return self._logits(x)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
+        """Zero KV cache: per layer {"k", "v"} of shape [batch_size, max_length, K, H]."""
+        cfg = self.config
+        dtype = self.dtype if dtype is None else jnp.dtype(dtype)
+        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        device = None
+        if self.mesh is not None:
+            axes = ("batch", "cache_length", "kv_heads", "head_dim")
+            device = shd.logical_sharding(self.mesh, axes, shape, self.rules)
+        return [
+            {
+                "k": jnp.zeros(shape, dtype, device=device),
+                "v": jnp.zeros(shape, dtype, device=device),
+            }
+            for _ in range(cfg.num_layers)
+        ]
+
+    def decode(
+        self,
+        tokens_BL: jax.Array,
+        positions_BL: jax.Array,
+        cache: KVCache,
+        write_index: jax.Array | int,
+        kv_mask_BS: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """Cached forward of L new tokens written at slots [write_index, write_index + L)."""
+        tokens_BL = jnp.asarray(tokens_BL, jnp.int32)
+        length = tokens_BL.shape[1]
+        slots = cache[0]["k"].shape[1]
+        write_index = jnp.asarray(write_index, jnp.int32)
+        query_slot_L = write_index + jnp.arange(length, dtype=jnp.int32)
+        causal_LS = jnp.arange(slots, dtype=jnp.int32)[None, :] <= query_slot_L[:, None]
+        mask_BLS = causal_LS[None] & jnp.asarray(kv_mask_BS).astype(bool)[:, None, :]
+        sin, cos = rope_sin_cos(self.config, jnp.asarray(positions_BL), self.dtype)
+        x = self._embed(tokens_BL)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            x, layer_cache = layer.decode(x, sin, cos, mask_BLS, layer_cache, write_index)
+            new_cache.append(layer_cache)
+        return self._logits(x), new_cache

@@ -24,9 +24,10 @@ For each family (`qwen3_tied`, `qwen3_untied` (with yarn RoPE), `qwen2` (q/k/v b
   by transformers.
 
 `qwen3_sharded` holds the `qwen3_tied` weights saved by transformers with a small
-`max_shard_size` (model.safetensors.index.json + shards). The tokenizer (a 200-token BPE trained
-on a fixed text with the `tokenizers` library, ChatML chat template) is shared by all families;
-the models' embeddings have 256 rows, so logits carry 56 padding columns, as in real checkpoints.
+`max_shard_size` (model.safetensors.index.json + shards). The tokenizer (a 280-token byte-level
+BPE with Qwen2's pre-tokenizer, trained on a fixed text with the `tokenizers` library, ChatML chat
+template) is shared by all families; the models' embeddings have 304 rows, so logits carry 24
+padding columns, as in real checkpoints.
 """
 
 from __future__ import annotations
@@ -39,12 +40,16 @@ import sys
 import numpy as np
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "testdata", "models")
-VOCAB = 256  # embedding rows (> tokenizer vocabulary: padded like real checkpoints)
-TOKENIZER_VOCAB = 200
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+VOCAB = 304  # embedding rows (> tokenizer vocabulary: padded like real checkpoints)
+TOKENIZER_VOCAB = 280  # 256 bytes + 3 special tokens + 21 merges
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SPLIT_PATTERN = (  # Qwen2's pre-tokenizer regex
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
     " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
@@ -77,14 +82,20 @@ COMMON = {
 
 
 def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
+    """Byte-level BPE with Qwen2's pre-tokenizer (what AutoTokenizer rebuilds for qwen folders)."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=TOKENIZER_VOCAB,
         special_tokens=SPECIALS,
-        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,?!:;()+-=\n'\"▁"),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
@@ -92,10 +103,25 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        unk_token="<unk>",
         chat_template=CHAT_TEMPLATE,
         padding_side="left",
     )
+
+
+def save_tokenizer(tok, folder: str, model_type: str) -> None:
+    """Save like real checkpoints: Qwen folders name Qwen2Tokenizer, Llama 3 the fast tokenizer."""
+    tok.save_pretrained(folder)
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["tokenizer_class"] = (
+        "PreTrainedTokenizerFast" if model_type == "llama" else "Qwen2Tokenizer"
+    )
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    loaded = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    text = "hello world, what is  the sum?\n\n<|im_end|> 123"
+    assert loaded.encode(text) == tok.encode(text), f"{folder}: tokenizer does not round-trip"
 
 
 def family_configs(tok) -> dict[str, transformers.PretrainedConfig]:
@@ -247,7 +273,7 @@ def main() -> None:
         ).eval()
         randomize(model, seed=1000 + seed)
         model.save_pretrained(folder)
-        tok.save_pretrained(folder)
+        save_tokenizer(tok, folder, config.model_type)
         np.savez(os.path.join(folder, "reference.npz"), **reference_logits(model, tok))
         gen = greedy(model, tok)
         with open(os.path.join(folder, "generate.json"), "w") as f:
@@ -260,7 +286,7 @@ def main() -> None:
             sharded = os.path.join(OUT, "qwen3_sharded")
             shutil.rmtree(sharded, ignore_errors=True)
             model.save_pretrained(sharded, max_shard_size="150KB")
-            tok.save_pretrained(sharded)
+            save_tokenizer(tok, sharded, config.model_type)
             print("qwen3_sharded:", sorted(os.listdir(sharded)))
     print("transformers", transformers.__version__, "torch", torch.__version__, file=sys.stderr)
 

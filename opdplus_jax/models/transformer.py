@@ -264,7 +264,7 @@ class CausalLM(nnx.Module):
 
     def _embed(self, tokens_BL):
         x = jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(self.dtype)
-        return self._constrain(x, ("batch", "length", "embed_act"))
+        return self._constrain(x, ("batch", "length", "act_embed"))
 
     def _logits(self, x_BLD):
         x_BLD = rms_norm(x_BLD, self.norm[...], self.config.rms_norm_eps)

@@ -291,7 +291,8 @@ def group_baseline(
     """
     if kind not in BASELINES:
         raise ValueError(f"kind must be one of {BASELINES}, got {kind!r}")
-    b, t = jnp.shape(advantages_BT)
+    advantages_BT = jnp.asarray(advantages_BT)
+    b, t = advantages_BT.shape
     if group_size < 1 or b % group_size:
         raise ValueError(f"batch size {b} is not a multiple of group_size={group_size}")
     if kind == "loo" and group_size < 2:

@@ -35,6 +35,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from opdplus_jax import divergences
 
@@ -119,21 +120,35 @@ def log_ratio(
     return reward_scale * lt + (1.0 - reward_scale) * lr - ls
 
 
-def _reward_to_go(reward_BT: jax.Array, discount: float) -> jax.Array:
-    """future_t = sum_{s>t} discount^(s-t) reward_s, by a reverse scan over T."""
+def _reward_to_go(reward_BT: jax.Array, discount: float, chunk: int = 64) -> jax.Array:
+    """future_t = sum_{s>t} discount^(s-t) reward_s, by a reverse `lax.scan` over time chunks.
+
+    T is split into chunks of K tokens. Within a chunk the discounted sums are one matmul with
+    the K x K matrix M[j, i] = discount^(j-i) (j > i); across chunks a reverse scan carries
+    Y_c = sum_{s >= start of chunk c} discount^(s - start) reward_s. This is the same recursion
+    as a token-by-token reverse scan, with T/K sequential steps instead of T.
+    """
     if discount == 0.0:
         return jnp.zeros_like(reward_BT)
-
-    def step(carry, reward_t):
-        # carry = future_t (the discounted sum over tokens after t); emit it, then fold in r_t
-        # to get future_{t-1} = discount * (r_t + future_t) for the next (earlier) step.
-        return discount * (reward_t + carry), carry
-
-    reward_TB = reward_BT.T
-    _, future_TB = jax.lax.scan(
-        step, jnp.zeros_like(reward_TB[0]), reward_TB, reverse=True, unroll=8
+    b, t = reward_BT.shape
+    k = min(chunk, t)
+    num_chunks = -(-t // k)
+    r_BCK = jnp.pad(reward_BT, ((0, 0), (0, num_chunks * k - t))).reshape(b, num_chunks, k)
+    lag = np.arange(k)[:, None] - np.arange(k)[None, :]  # [j, i] = j - i
+    powers = np.where(lag > 0, float(discount) ** np.maximum(lag, 0), 0.0)  # strictly later
+    within_BCK = jnp.einsum("bcj,ji->bci", r_BCK, jnp.asarray(powers, r_BCK.dtype))
+    decay_K = jnp.asarray(float(discount) ** np.arange(k, 0, -1), r_BCK.dtype)  # g^(K-i)
+    start_value_BC = jnp.einsum(
+        "bcj,j->bc", r_BCK, jnp.asarray(float(discount) ** np.arange(k), r_BCK.dtype)
     )
-    return future_TB.T
+
+    def step(later_value_B, start_value_B):
+        # carry: Y_{c+1}; emit it, and fold chunk c in: Y_c = value_c + g^K Y_{c+1}.
+        return start_value_B + float(discount) ** k * later_value_B, later_value_B
+
+    _, later_CB = jax.lax.scan(step, jnp.zeros((b,), r_BCK.dtype), start_value_BC.T, reverse=True)
+    future_BCK = within_BCK + decay_K * later_CB.T[..., None]
+    return future_BCK.reshape(b, num_chunks * k)[:, :t]
 
 
 @functools.partial(

@@ -1,7 +1,6 @@
 """estimators.advantages against a plain loop, masks, jit, G-OPD, baselines and bad input."""
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,6 +68,16 @@ def test_matches_the_definition_token_by_token(name, correction, level, discount
     )
     want = _loop_advantages(ls, lt, lr, mask, d, correction, level, discount, lam)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize(("length", "discount"), [(200, 0.9), (129, 1.0), (64, 0.5), (1, 0.7)])
+def test_reward_to_go_across_many_chunks(length, discount):
+    """The chunked reverse scan (64-token chunks) equals the token-by-token definition."""
+    ls, lt, lr, mask = _batch(seed=11, b=3, t=length, dtype=np.float64)
+    got = estimators.advantages(ls, lt, mask, divergence="jsd", discount=discount)
+    want = _loop_advantages(ls, lt, lr, mask, dv.get("jsd"), "opd_plus", "token", discount, 1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0, 1.25, 2.0])

@@ -1,0 +1,452 @@
+"""JIT-compiled sampler: bucketed prefill, then a `lax.while_loop` decode over a donated KV cache.
+
+`generate` left-pads the prompts to a bucket length (so one compilation serves many prompt
+lengths), runs one jitted prefill that writes the prompt's keys/values into a preallocated cache,
+then one jitted decode loop (no Python per token) that stops as soon as every row has emitted EOS
+or a stop token. The model is used as a pure function: its graphdef is a static argument and its
+params are ordinary arguments, so the same compiled sampler serves updated student weights.
+
+Two log-probs come back per sampled token (see `GenerateResult`):
+  * `logprobs`: under the unmodified policy (temperature 1, no truncation): what OPD scores;
+  * `sampling_logprobs`: under the distribution actually sampled from (after temperature, top-k,
+    top-p): the behaviour log-probs of importance-sampling corrections (0 for greedy).
+
+Randomness is per row: row b uses fold_in(rng, b) and step t fold_in(fold_in(rng, b), t), so a
+row's sample depends neither on the rest of the batch nor on how the batch is sharded.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from opdplus_jax.scoring import (
+    TRACE_COUNTS,
+    ModelLike,
+    batch_axes,
+    infer_mesh,
+    place_rows,
+    positions_from_mask,
+    split_model,
+)
+
+# Prompt lengths are padded up to one of these (powers of two, min 16).
+DEFAULT_PROMPT_BUCKETS: tuple[int, ...] = tuple(2**i for i in range(4, 16))
+
+
+@flax.struct.dataclass
+class GenerateResult:
+    """Output of `generate` (a pytree). B rows, T = max_new_tokens, P = the prompt bucket.
+
+    Attributes:
+      tokens: [B, T] int32 sampled tokens; `pad_token_id` after a row has finished.
+      mask: [B, T] int32, 1 up to and including the row's EOS/stop token, 0 after.
+      logprobs: [B, T] float32 log-prob of each token under the UNMODIFIED policy (temperature 1,
+        no top-k/top-p): the student log-prob OPD uses. 0 where mask is 0.
+      sampling_logprobs: [B, T] float32 log-prob under the distribution actually sampled from
+        (after temperature, top-k, top-p): the behaviour log-prob for importance-sampling
+        corrections. 0 for greedy decoding and where mask is 0.
+      prompt_tokens: [B, P] int32 left-padded (bucketed) prompts; prompt_mask: [B, P] int32.
+      num_steps: int32 scalar, number of decode steps run (< T when every row stopped early).
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    logprobs: jax.Array
+    sampling_logprobs: jax.Array
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    num_steps: jax.Array
+
+
+# ----------------------------------------------------------------------------- distributions
+
+
+def _check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+    if not (np.isfinite(temperature) and temperature >= 0):
+        raise ValueError(
+            f"temperature must be a finite number >= 0 (0 = greedy); got {temperature!r}"
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = no top-k truncation); got {top_k!r}")
+    if not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus truncation); got {top_p!r}")
+
+
+def _truncate(scaled_BV, top_k: int, use_top_p: bool, top_p):
+    """Candidates of the sampling distribution: (logits [B, K] with -inf outside, ids or None).
+
+    Order as in Hugging Face: temperature (already applied), then top-k, then top-p on the
+    renormalised top-k distribution. top-k keeps exactly k ids (ties broken by lower id); top-p
+    keeps the shortest prefix of the sorted distribution whose mass reaches top_p (at least one).
+    Without truncation the candidates are the whole vocabulary and the ids are None.
+    """
+    V = scaled_BV.shape[-1]
+    if top_k == 0 and not use_top_p:
+        return scaled_BV, None
+    vals_BK, ids_BK = jax.lax.top_k(scaled_BV, min(top_k, V) if top_k else V)
+    if use_top_p:
+        probs_BK = jax.nn.softmax(vals_BK, axis=-1)
+        mass_before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
+        keep_BK = (mass_before_BK < top_p).at[:, 0].set(True)
+        vals_BK = jnp.where(keep_BK, vals_BK, -jnp.inf)
+    return vals_BK, ids_BK
+
+
+def sampling_logprobs(
+    logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> jax.Array:
+    """Log-probs [..., V] (float32, -inf outside the kept set) of the distribution `generate`
+    samples from for these logits. temperature=0 gives the greedy one-hot (log 1 at the argmax)."""
+    _check_sampling_args(temperature, top_k, top_p)
+    logits = jnp.asarray(logits, jnp.float32)
+    shape, V = logits.shape, logits.shape[-1]
+    logits_BV = logits.reshape(-1, V)
+    if temperature == 0:
+        onehot = jax.nn.one_hot(jnp.argmax(logits_BV, -1), V, dtype=bool)
+        return jnp.where(onehot, 0.0, -jnp.inf).reshape(shape)
+    vals_BK, ids_BK = _truncate(logits_BV / temperature, top_k, top_p < 1.0, top_p)
+    logp_BK = jax.nn.log_softmax(vals_BK, axis=-1)
+    if ids_BK is None:
+        return logp_BK.reshape(shape)
+    out_BV = jnp.full_like(logits_BV, -jnp.inf)
+    out_BV = jax.vmap(lambda o, i, v: o.at[i].set(v))(out_BV, ids_BK, logp_BK)
+    return out_BV.reshape(shape)
+
+
+def _sample_step(logits_BV, keys_B, step, temperature, top_p, *, greedy, top_k, use_top_p):
+    """Sample one token per row: (token [B] int32, policy logp [B], sampling logp [B])."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    policy_logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    if greedy:
+        tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        sample_logp_B = jnp.zeros(tok_B.shape, jnp.float32)
+    else:
+        vals_BK, ids_BK = _truncate(logits_BV / temperature, top_k, use_top_p, top_p)
+        step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(keys_B, step)
+        choice_B = jax.vmap(jax.random.categorical)(step_keys_B, vals_BK).astype(jnp.int32)
+        cand_logp_BK = jax.nn.log_softmax(vals_BK, axis=-1)
+        sample_logp_B = jnp.take_along_axis(cand_logp_BK, choice_B[:, None], -1)[:, 0]
+        tok_B = choice_B if ids_BK is None else jnp.take_along_axis(ids_BK, choice_B[:, None], -1)
+        tok_B = tok_B.reshape(-1).astype(jnp.int32)
+    policy_logp_B = jnp.take_along_axis(policy_logp_BV, tok_B[:, None], -1)[:, 0]
+    return tok_B, policy_logp_B, sample_logp_B
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def bucket_length(length: int, buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS) -> int:
+    """The smallest bucket >= length (ValueError if the prompt is longer than every bucket)."""
+    buckets = sorted(buckets)
+    i = bisect.bisect_left(buckets, length)
+    if i == len(buckets):
+        raise ValueError(
+            f"a prompt has {length} tokens, longer than the largest prompt bucket "
+            f"({buckets[-1]}); truncate the prompt or pass prompt_buckets with a bucket >= {length}"
+        )
+    return buckets[i]
+
+
+def pad_prompts(
+    prompts: Any,
+    *,
+    prompt_mask: Any = None,
+    buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
+    pad_token_id: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad ragged prompts to a bucket: (tokens [B, P] int32, mask [B, P] int32).
+
+    `prompts` is a list of token-id lists, or a 2-D int array whose rows are whole prompts (or,
+    with `prompt_mask`, whose real tokens are where the mask is 1, e.g. a padded batch).
+    """
+    if isinstance(prompts, np.ndarray | jax.Array) or prompt_mask is not None:
+        arr = np.asarray(prompts)
+        if arr.ndim != 2:
+            raise ValueError(f"prompts as an array must be 2-D [B, L]; got shape {arr.shape}")
+        if prompt_mask is not None:
+            m = np.asarray(prompt_mask).astype(bool)
+            if m.shape != arr.shape:
+                raise ValueError(
+                    f"prompt_mask must have the prompts' shape {arr.shape}; got {m.shape}"
+                )
+            rows = [row[keep] for row, keep in zip(arr, m, strict=True)]
+        else:
+            rows = list(arr)
+    else:
+        rows = [np.asarray(p) for p in prompts]
+    if not rows:
+        raise ValueError("prompts is empty; pass at least one prompt")
+    for i, row in enumerate(rows):
+        if row.ndim != 1 or row.size == 0:
+            raise ValueError(
+                f"prompt {i} is empty or not a flat list of token ids; every prompt needs at "
+                "least one token (e.g. the BOS token)"
+            )
+        if not np.issubdtype(row.dtype, np.integer):
+            raise ValueError(f"prompt {i} must hold integer token ids; got dtype {row.dtype}")
+    bucket = bucket_length(max(r.size for r in rows), buckets)
+    tokens = np.full((len(rows), bucket), pad_token_id, np.int32)
+    mask = np.zeros((len(rows), bucket), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, bucket - row.size :] = row
+        mask[i, bucket - row.size :] = 1
+    return tokens, mask
+
+
+# ----------------------------------------------------------------------------- compiled steps
+
+
+def _explicit(mesh, axes) -> bool:
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    return any(types[a] == jax.sharding.AxisType.Explicit for a in axes)
+
+
+def _constrain(x, mesh, batch_axes):
+    """Shard dim 0 of `x` over the batch axes of `mesh` (no-op without a mesh)."""
+    if mesh is None or not batch_axes or _explicit(mesh, batch_axes):
+        return x  # explicit axes: the sharding is part of the types already
+    spec = P(batch_axes, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "cache_length", "mesh", "batch_axes"))
+def _prefill(
+    graphdef, params, rest, prompt_tokens_BP, prompt_mask_BP, *, cache_length, mesh, batch_axes
+):
+    """Write the prompts' keys/values into a fresh cache: (last-position logits [B, V], cache)."""
+    TRACE_COUNTS["prefill"] += 1
+    model = nnx.merge(graphdef, params, rest)
+    B, Pn = prompt_tokens_BP.shape
+    cache = model.init_cache(B, cache_length)
+    kv_mask_BS = jnp.pad(prompt_mask_BP.astype(bool), ((0, 0), (0, cache_length - Pn)))
+    kv_mask_BS = _constrain(kv_mask_BS, mesh, batch_axes)
+    positions_BP = positions_from_mask(prompt_mask_BP)
+    logits_BPV, cache = model.decode(prompt_tokens_BP, positions_BP, cache, 0, kv_mask_BS)
+    return _constrain(logits_BPV[:, -1].astype(jnp.float32), mesh, batch_axes), cache
+
+
+@partial(
+    jax.jit,
+    static_argnames=(
+        "graphdef",
+        "greedy",
+        "top_k",
+        "use_top_p",
+        "max_new_tokens",
+        "stop_ids",
+        "pad_token_id",
+        "mesh",
+        "batch_axes",
+    ),
+    donate_argnames=("cache",),
+)
+def _decode(
+    graphdef,
+    params,
+    rest,
+    cache,
+    logits0_BV,
+    prompt_mask_BP,
+    row_ids_B,
+    rng,
+    temperature,
+    top_p,
+    *,
+    greedy,
+    top_k,
+    use_top_p,
+    max_new_tokens,
+    stop_ids,
+    pad_token_id,
+    mesh,
+    batch_axes,
+):
+    """Sample max_new_tokens tokens (fewer steps if all rows stop) with a while_loop."""
+    TRACE_COUNTS["decode"] += 1
+    model = nnx.merge(graphdef, params, rest)
+    B, Pn = prompt_mask_BP.shape
+    T, S = max_new_tokens, Pn + max_new_tokens - 1
+    c = partial(_constrain, mesh=mesh, batch_axes=batch_axes)
+    sample = partial(
+        _sample_step,
+        temperature=temperature,
+        top_p=top_p,
+        greedy=greedy,
+        top_k=top_k,
+        use_top_p=use_top_p,
+    )
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids_B)
+
+    def batch_full(fill, dtype, *tail):  # new [B, *tail] arrays sharded like the batch
+        return c(jnp.broadcast_to(jnp.full_like(row_ids_B, fill, dtype)[:, None], (B, *tail)))
+
+    stop_ids_arr = jnp.asarray(stop_ids, jnp.int32)
+
+    def is_stop(tok_B):
+        return (tok_B[:, None] == stop_ids_arr[None, :]).any(-1)
+
+    def record(arrays, step, tok_B, logp_B, slogp_B, alive_B):
+        new = (
+            jnp.where(alive_B, tok_B, pad_token_id),
+            alive_B.astype(jnp.int32),
+            jnp.where(alive_B, logp_B, 0.0),
+            jnp.where(alive_B, slogp_B, 0.0),
+        )
+        return tuple(
+            c(jax.lax.dynamic_update_slice_in_dim(a, n[:, None], step, axis=1))
+            for a, n in zip(arrays, new, strict=True)
+        )
+
+    tok_B, logp_B, slogp_B = sample(logits0_BV, keys_B, 0)
+    alive_B = jnp.ones_like(tok_B, bool)
+    arrays = (
+        batch_full(pad_token_id, jnp.int32, T),
+        batch_full(0, jnp.int32, T),
+        batch_full(0, jnp.float32, T),
+        batch_full(0, jnp.float32, T),
+    )
+    arrays = record(arrays, 0, tok_B, logp_B, slogp_B, alive_B)
+    done_B = is_stop(tok_B)
+    kv_mask_BS = c(jnp.pad(prompt_mask_BP.astype(bool), ((0, 0), (0, S - Pn))))
+    lengths_B = prompt_mask_BP.astype(jnp.int32).sum(-1)
+
+    def cond(state):
+        step, _, _, done_B, _ = state
+        return (step < T) & ~done_B.all()
+
+    def body(state):
+        step, cache, kv_mask_BS, done_B, arrays = state
+        write = Pn + step - 1  # cache slot of the token fed at this step (the previous sample)
+        prev_B1 = jax.lax.dynamic_slice_in_dim(arrays[0], step - 1, 1, axis=1)
+        kv_mask_BS = jax.lax.dynamic_update_slice_in_dim(
+            kv_mask_BS, jnp.ones_like(prev_B1, bool), write, axis=1
+        )
+        positions_B1 = (lengths_B + step - 1)[:, None]
+        logits_B1V, cache = model.decode(prev_B1, positions_B1, cache, write, kv_mask_BS)
+        tok_B, logp_B, slogp_B = sample(logits_B1V[:, 0], keys_B, step)
+        alive_B = ~done_B
+        arrays = record(arrays, step, tok_B, logp_B, slogp_B, alive_B)
+        return step + 1, cache, kv_mask_BS, done_B | is_stop(tok_B), arrays
+
+    state = (jnp.int32(1), cache, kv_mask_BS, done_B, arrays)
+    num_steps, cache, _, _, arrays = jax.lax.while_loop(cond, body, state)
+    return (*arrays, num_steps), cache  # the cache aliases the donated input buffer
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _as_key(rng: Any) -> jax.Array:
+    if isinstance(rng, int | np.integer):
+        return jax.random.key(int(rng))
+    rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        if rng.shape != ():
+            raise ValueError(f"rng must be a single PRNG key; got a key array of shape {rng.shape}")
+        return rng
+    if rng.shape == (2,) and rng.dtype == jnp.uint32:
+        return jax.random.wrap_key_data(rng)
+    raise ValueError(
+        f"rng must be jax.random.key(seed), a raw uint32[2] key or an int; got {rng!r}"
+    )
+
+
+def _stop_ids(eos_token_id: Any, stop_token_ids: Sequence[int]) -> tuple[int, ...]:
+    eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
+    ids = tuple(sorted({int(t) for t in (*eos, *stop_token_ids)}))
+    if any(t < 0 for t in ids):
+        raise ValueError(f"eos_token_id and stop_token_ids must be >= 0; got {ids}")
+    return ids
+
+
+def generate(
+    model: ModelLike,
+    prompts: Any,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    stop_token_ids: Sequence[int] = (),
+    rng: Any = None,
+    pad_token_id: int = 0,
+    prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
+    prompt_mask: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> GenerateResult:
+    """Sample up to `max_new_tokens` tokens per prompt with a compiled prefill + decode loop.
+
+    Args:
+      model: NNX causal LM with the `init_cache`/`decode` interface of `opdplus_jax.models`, or
+        its (graphdef, params[, rest]) split (so a trainer can pass updated params).
+      prompts: list of token-id lists (ragged), or a 2-D int array of whole prompts (or of a
+        padded batch, with `prompt_mask` marking real tokens).
+      max_new_tokens: T, the length of the returned arrays.
+      temperature: 0 = greedy (argmax); otherwise logits are divided by it before truncation.
+      top_p, top_k: nucleus / top-k truncation (1.0 / 0 = off), applied after temperature.
+      eos_token_id, stop_token_ids: a row finishes after emitting any of these (kept, mask 1).
+        None / () = run all max_new_tokens steps.
+      rng: jax.random.key (required when temperature > 0; use a fresh key per call).
+      pad_token_id: fills prompt padding and the tokens after a row finished.
+      prompt_buckets: allowed padded prompt lengths (one compilation per bucket).
+      mesh: mesh to run on; default: the mesh the params are placed on, if any. The batch is
+        split over its `data`/`fsdp` axes (padded with dummy rows to a multiple), the model as
+        its params are sharded.
+
+    Compiles once per (batch size, prompt bucket, max_new_tokens, greedy/top_k/top-p on-off,
+    stop ids); temperature and top_p values are traced, so changing them does not recompile.
+    """
+    _check_sampling_args(temperature, top_k, top_p)
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int | np.integer)
+        or (max_new_tokens < 1)
+    ):
+        raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
+    greedy = temperature == 0
+    if not greedy and rng is None:
+        raise ValueError(
+            "rng is required when temperature > 0: pass rng=jax.random.key(seed), a new key per "
+            "call (or temperature=0 for greedy decoding)"
+        )
+    key = _as_key(rng) if rng is not None else jax.random.key(0)
+    stop_ids = _stop_ids(eos_token_id, stop_token_ids)
+    graphdef, params, rest = split_model(model)
+    mesh = mesh if mesh is not None else infer_mesh(params)
+    tokens_np, mask_np = pad_prompts(
+        prompts, prompt_mask=prompt_mask, buckets=prompt_buckets, pad_token_id=pad_token_id
+    )
+    B, Pn = tokens_np.shape
+    axes = batch_axes(mesh)
+    tokens, mask, row_ids = place_rows(mesh, tokens_np, mask_np, np.arange(B, dtype=np.int32))
+    settings = {"mesh": mesh, "batch_axes": axes}
+    logits0, cache = _prefill(
+        graphdef, params, rest, tokens, mask, cache_length=Pn + max_new_tokens - 1, **settings
+    )
+    (out_tokens, out_mask, logp, slogp, num_steps), _ = _decode(
+        graphdef, params, rest, cache, logits0, mask, row_ids, key,
+        jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p),
+        greedy=greedy, top_k=int(top_k), use_top_p=top_p < 1.0,
+        max_new_tokens=int(max_new_tokens), stop_ids=stop_ids, pad_token_id=int(pad_token_id),
+        **settings,
+    )  # fmt: skip
+    result = GenerateResult(out_tokens, out_mask, logp, slogp, tokens, mask, num_steps)
+    if tokens.shape[0] != B:
+        result = result.replace(**{
+            f: getattr(result, f)[:B]
+            for f in ("tokens", "mask", "logprobs", "sampling_logprobs", "prompt_tokens",
+                      "prompt_mask")
+        })  # fmt: skip
+    return result

@@ -1,0 +1,157 @@
+"""Per-token log-probs of completions under a model, in one jitted forward.
+
+The trainer scores the sampled completions with the teacher, the reference and (for the
+importance-sampling recompute) the student: `token_logprobs` runs one causal forward over the
+concatenated [left-padded prompt | completion] sequence and gathers, at every completion position,
+the float32 log-prob of the completion token under the unmodified model (temperature 1, no
+truncation). Prompt and completion use the same layout as `sampling.generate` returns, so
+`token_logprobs(student, r.prompt_tokens, r.prompt_mask, r.tokens, r.mask)` reproduces
+`r.logprobs` up to float32 rounding.
+
+Models are used as pure functions: `split_model` turns an NNX module into (graphdef, params, rest);
+the graphdef is a static (hashed) argument of the compiled function and the params are ordinary
+arguments, so one compilation serves any weights of the same architecture.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# Number of times each compiled function has been traced (a Python side effect that runs only
+# while tracing, so it counts compilations). Tests use it to check that repeated calls reuse the
+# compiled code.
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+BATCH_AXES = ("data", "fsdp")  # mesh axes a batch is split over (see opdplus_jax.sharding)
+ModelLike = Any  # an nnx.Module, or a (graphdef, params) / (graphdef, params, rest) tuple
+
+
+def split_model(model: ModelLike) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, params, rest) of an NNX module, or of a (graphdef, params[, rest]) tuple.
+
+    `rest` holds the non-`nnx.Param` variables (e.g. buffers); it is empty for most models.
+    """
+    if isinstance(model, nnx.Module):
+        return nnx.split(model, nnx.Param, ...)
+    if isinstance(model, tuple | list) and len(model) in (2, 3):
+        graphdef, params, *rest = model
+        if isinstance(graphdef, nnx.GraphDef):
+            return graphdef, params, rest[0] if rest else nnx.State({})
+    raise TypeError(
+        "model must be an nnx.Module or a (graphdef, params) tuple from "
+        f"nnx.split(model, nnx.Param); got {type(model).__name__}"
+    )
+
+
+def infer_mesh(tree: Any) -> jax.sharding.Mesh | None:
+    """The mesh of the first `NamedSharding`-placed array in `tree`, else None."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(
+            sharding.mesh, jax.sharding.Mesh
+        ):
+            return sharding.mesh
+    return None
+
+
+def batch_axes(mesh: jax.sharding.Mesh | None) -> tuple[str, ...]:
+    """The mesh axes the batch is split over (`data`, `fsdp`, those present and larger than 1)."""
+    if mesh is None:
+        return ()
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def place_rows(mesh: jax.sharding.Mesh | None, *arrays: Any) -> tuple[jax.Array, ...]:
+    """Pad [B, ...] arrays with zero rows to a multiple of the batch shards and split dim 0 over
+    the mesh's batch axes (no-op without a mesh). Slice results back to the first B rows."""
+    axes = batch_axes(mesh)
+    if not axes:
+        return tuple(jnp.asarray(a) for a in arrays)
+    extra = -len(arrays[0]) % math.prod(mesh.shape[a] for a in axes)
+    sharding = NamedSharding(mesh, P(axes))
+    pad = lambda a: jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1)) if extra else a
+    return tuple(jax.device_put(pad(jnp.asarray(a)), sharding) for a in arrays)
+
+
+def gather_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+    """log softmax(logits)[token] in float32, without materialising the full log-softmax.
+
+    Computed as logit[token] - logsumexp(logits): one reduction and one gather over V.
+    """
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    picked_BT = jnp.take_along_axis(logits_BTV, tokens_BT[..., None].astype(jnp.int32), -1)
+    return picked_BT[..., 0] - lse_BT
+
+
+def positions_from_mask(mask_BL: jax.Array) -> jax.Array:
+    """RoPE positions of a left-padded row: 0.. over real tokens (pads get 0)."""
+    return jnp.maximum(jnp.cumsum(mask_BL.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _token_logprobs(
+    graphdef, params, rest, prompt_tokens_BP, prompt_mask_BP, completion_tokens_BT, mask_BT
+):
+    TRACE_COUNTS["token_logprobs"] += 1
+    model = nnx.merge(graphdef, params, rest)
+    P = prompt_tokens_BP.shape[1]
+    T = completion_tokens_BT.shape[1]
+    tokens_BL = jnp.concatenate([prompt_tokens_BP, completion_tokens_BT], axis=1)
+    mask_BL = jnp.concatenate([prompt_mask_BP, mask_BT], axis=1).astype(jnp.int32)
+    logits_BLV = model(
+        tokens_BL, positions_BL=positions_from_mask(mask_BL), attention_mask_BL=mask_BL
+    )
+    # The logits at position i predict token i + 1: completion token t is predicted at P - 1 + t.
+    logp_BT = gather_logprobs(logits_BLV[:, P - 1 : P - 1 + T], completion_tokens_BT)
+    return jnp.where(mask_BT.astype(bool), logp_BT, 0.0)
+
+
+def token_logprobs(
+    model: ModelLike,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    completion_tokens: jax.Array,
+    completion_mask: jax.Array,
+) -> jax.Array:
+    """Float32 log-probs [B, T] of `completion_tokens` under `model` (0 where the mask is 0).
+
+    Args:
+      model: an NNX causal LM, or its (graphdef, params[, rest]) split.
+      prompt_tokens, prompt_mask: [B, P] left-padded prompts (mask 1 = real token), P >= 1.
+      completion_tokens, completion_mask: [B, T] completions right after the prompt (mask 1 up
+        to and including EOS), e.g. `generate(...).tokens` and `.mask`.
+
+    The log-probs are those of the unmodified model (temperature 1, no top-k/top-p).
+    """
+    graphdef, params, rest = split_model(model)
+    arrays = tuple(jnp.asarray(a) for a in (prompt_tokens, prompt_mask, completion_tokens,
+                                            completion_mask))  # fmt: skip
+    prompt_tokens, prompt_mask, completion_tokens, completion_mask = arrays
+    if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
+        raise ValueError(
+            "prompt_tokens and prompt_mask must be 2-D [B, P] arrays of the same shape; got "
+            f"{prompt_tokens.shape} and {prompt_mask.shape}"
+        )
+    if completion_tokens.ndim != 2 or completion_tokens.shape != completion_mask.shape:
+        raise ValueError(
+            "completion_tokens and completion_mask must be 2-D [B, T] arrays of the same shape; "
+            f"got {completion_tokens.shape} and {completion_mask.shape}"
+        )
+    if prompt_tokens.shape[0] != completion_tokens.shape[0] or prompt_tokens.shape[1] < 1:
+        raise ValueError(
+            "prompt and completion must have the same batch size and the prompt at least one "
+            f"position; got prompt {prompt_tokens.shape}, completion {completion_tokens.shape}"
+        )
+    placed = place_rows(infer_mesh(params), *(a.astype(jnp.int32) for a in arrays))
+    logp_BT = _token_logprobs(graphdef, params, rest, *placed)
+    return logp_BT[: prompt_tokens.shape[0]]

@@ -262,7 +262,18 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
     missing = [k for k in _REQUIRED_KEYS if k not in raw]
     if missing:  # checked on the raw file: AutoConfig would silently fill in defaults
         raise ValueError(f"{path}: missing required config key(s) {missing}")
-    hf = transformers.AutoConfig.from_pretrained(os.fspath(folder), local_files_only=True)
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope_type = (
+        rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else None
+    )
+    if rope_type is not None and rope_type not in SUPPORTED_ROPE_TYPES:
+        raise NotImplementedError(
+            f"{path}: rope_type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})"
+        )
+    try:
+        hf = transformers.AutoConfig.from_pretrained(os.fspath(folder), local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: transformers cannot parse this config ({e})") from e
     return config_from_hf(hf, where=path)
 
 

@@ -1,0 +1,287 @@
+"""Model numerics: logits vs transformers, padding, cached decoding, greedy generation, dtypes.
+
+References come from tests/testdata/models (scripts/make_model_fixtures.py, transformers 5 on
+PyTorch CPU, float32, eager attention).
+"""
+
+import json
+import os
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from opdplus_jax import models
+from opdplus_jax.models import config as config_lib
+
+DATA = os.path.join(os.path.dirname(__file__), "testdata", "models")
+FAMILIES = ["qwen3_tied", "qwen3_untied", "qwen2", "llama3"]
+TOL = 2e-4
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    path = os.path.join(DATA, request.param)
+    ref = dict(np.load(os.path.join(path, "reference.npz")))
+    with open(os.path.join(path, "generate.json")) as f:
+        gen = json.load(f)
+    model = models.from_pretrained(path)
+    return SimpleNamespace(
+        name=request.param,
+        path=path,
+        model=model,
+        ref=ref,
+        gen=gen,
+        forward=jit_forward(model),
+        decode=jit_decode(model),
+    )
+
+
+def jit_forward(model):
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def forward(params, tokens, positions, mask):
+        return nnx.merge(graphdef, params)(tokens, positions, mask)
+
+    return lambda tokens, mask=None, positions=None: np.asarray(
+        forward(params, tokens, positions, mask)
+    )
+
+
+def jit_decode(model):
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def decode(params, tokens, positions, cache, write_index, kv_mask):
+        return nnx.merge(graphdef, params).decode(tokens, positions, cache, write_index, kv_mask)
+
+    return lambda tokens, positions, cache, write_index, kv_mask: decode(
+        params, tokens, positions, cache, jnp.int32(write_index), kv_mask
+    )
+
+
+def test_config_fields(family):
+    cfg = family.model.config
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_layers) == (304, 64, 2)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (4, 2, 16)
+    assert cfg.eos_token_id == 2 and cfg.pad_token_id == 0
+    expected = {
+        "qwen3_tied": ("qwen3", True, "default"),
+        "qwen3_untied": ("qwen3", False, "yarn"),
+        "qwen2": ("qwen2", False, "default"),
+        "llama3": ("llama", False, "llama3"),
+    }[family.name]
+    assert (cfg.model_type, cfg.tie_word_embeddings, cfg.rope_type) == expected
+    assert cfg.qkv_bias == (family.name == "qwen2")
+    assert cfg.qk_norm == family.name.startswith("qwen3")
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(family.model, nnx.Param)))
+    assert n_params == cfg.num_params()
+
+
+def test_logits_match_transformers(family):
+    logits = family.forward(family.ref["input_ids"])
+    assert logits.dtype == np.float32
+    assert logits.shape == family.ref["logits"].shape
+    np.testing.assert_allclose(logits, family.ref["logits"], atol=TOL, rtol=0)
+
+
+def test_eager_forward_matches_transformers():
+    """The un-jitted forward (slow op-by-op dispatch, so one family and a short input)."""
+    path = os.path.join(DATA, "qwen3_tied")
+    ref = np.load(os.path.join(path, "reference.npz"))
+    eager = np.asarray(models.from_pretrained(path)(ref["input_ids"][:1, :6]))
+    np.testing.assert_allclose(eager, ref["logits"][:1, :6], atol=TOL, rtol=0)
+
+
+def test_padded_logits_match_transformers_and_unpadded(family):
+    ref = family.ref
+    mask = ref["padded_attention_mask"].astype(bool)
+    padded = family.forward(ref["padded_input_ids"], ref["padded_attention_mask"])
+    assert np.isfinite(padded).all()
+    np.testing.assert_allclose(padded[mask], ref["padded_logits"][mask], atol=TOL, rtol=0)
+    # Explicit positions give the same result as the cumsum default.
+    explicit = family.forward(
+        ref["padded_input_ids"], ref["padded_attention_mask"], ref["padded_position_ids"]
+    )
+    np.testing.assert_allclose(explicit[mask], padded[mask], atol=1e-6)
+    # Each left-padded row equals the same tokens without padding (causal: a prefix of row b).
+    unpadded = family.forward(ref["input_ids"])
+    for b, n in enumerate(ref["padded_lengths"]):
+        np.testing.assert_allclose(padded[b, -n:], unpadded[b, :n], atol=1e-5)
+
+
+def test_right_padding_equals_unpadded(family):
+    ids = family.ref["input_ids"].copy()
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    ids[1, 5:] = 0
+    logits = family.forward(ids, mask)
+    np.testing.assert_allclose(logits[1, :5], family.ref["logits"][1, :5], atol=TOL, rtol=0)
+    np.testing.assert_allclose(logits[0], family.ref["logits"][0], atol=TOL, rtol=0)
+
+
+def test_cached_decode_equals_full_forward(family):
+    """Prefill a left-padded batch, then decode token by token (jitted, traced write_index)."""
+    ref, model, decode = family.ref, family.model, family.decode
+    ids, mask = ref["padded_input_ids"], ref["padded_attention_mask"]
+    batch, length = ids.shape
+    full = family.forward(ids, mask)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    slots, prefill = length + 4, 4
+    cache = model.init_cache(batch, slots)
+    assert len(cache) == model.config.num_layers
+    assert cache[0]["k"].shape == (batch, slots, 2, 16)
+    kv_mask = np.zeros((batch, slots), bool)
+    kv_mask[:, :prefill] = mask[:, :prefill]
+    logits, cache = decode(ids[:, :prefill], positions[:, :prefill], cache, 0, kv_mask)
+    steps = [np.asarray(logits)]
+    for t in range(prefill, length):
+        kv_mask[:, t] = mask[:, t]
+        logits, cache = decode(ids[:, t : t + 1], positions[:, t : t + 1], cache, t, kv_mask)
+        steps.append(np.asarray(logits))
+    incremental = np.concatenate(steps, axis=1)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(incremental[real], full[real], atol=1e-5)
+    # Multi-token chunks after the prefill agree too (L > 1 with write_index > 0).
+    cache = model.init_cache(batch, slots)
+    kv_mask = np.zeros((batch, slots), bool)
+    chunks = []
+    for start in range(0, length, prefill):
+        stop = start + prefill
+        kv_mask[:, start:stop] = mask[:, start:stop]
+        logits, cache = decode(ids[:, start:stop], positions[:, start:stop], cache, start, kv_mask)
+        chunks.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(chunks, axis=1)[real], full[real], atol=1e-5)
+
+
+def test_greedy_decoding_matches_transformers_generate(family):
+    """Batched, left-padded greedy decoding reproduces transformers' per-prompt `generate`."""
+    gen, model, decode = family.gen, family.model, family.decode
+    prompts = [s["prompt"] for s in gen["samples"]]
+    steps, batch = gen["max_new_tokens"], len(prompts)
+    width = max(map(len, prompts))
+    ids = np.zeros((batch, width), np.int32)
+    kv_mask = np.zeros((batch, width + steps), bool)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = p
+        kv_mask[b, width - len(p) : width] = True
+    positions = np.maximum(np.cumsum(kv_mask[:, :width], axis=1) - 1, 0)
+    lengths = kv_mask.sum(axis=1)
+    for key, vocab in (("tokens", None), ("tokens_tokenizer_vocab", gen["tokenizer_vocab_size"])):
+        mask = kv_mask.copy()
+        cache = model.init_cache(batch, width + steps)
+        logits, cache = decode(ids, positions, cache, 0, mask)
+        out = []
+        for i in range(steps):
+            tok = np.argmax(np.asarray(logits)[:, -1, :vocab], axis=-1).astype(np.int32)
+            out.append(tok)
+            mask[:, width + i] = True
+            pos = (lengths + i)[:, None]
+            logits, cache = decode(tok[:, None], pos, cache, width + i, mask)
+        got = np.stack(out, axis=1).tolist()
+        assert got == [s[key] for s in gen["samples"]], key
+
+
+@pytest.mark.parametrize("name", ["qwen3_tied", "llama3"])
+def test_bf16_params_give_finite_float32_logits(name):
+    family = SimpleNamespace(
+        path=os.path.join(DATA, name), ref=dict(np.load(os.path.join(DATA, name, "reference.npz")))
+    )
+    model = models.from_pretrained(family.path, dtype=jnp.bfloat16)
+    assert model.embed_tokens[...].dtype == jnp.bfloat16
+    logits = jit_forward(model)(family.ref["input_ids"])
+    assert logits.dtype == np.float32 and np.isfinite(logits).all()
+    assert np.abs(logits - family.ref["logits"]).max() < 0.1  # bf16 rounding of the same model
+    cache = model.init_cache(2, 8)
+    assert cache[0]["k"].dtype == jnp.bfloat16
+    # float32 activations over bf16-stored weights.
+    mixed = models.from_pretrained(family.path, dtype=jnp.float32, param_dtype=jnp.bfloat16)
+    assert mixed.layers[0].mlp.up_proj[...].dtype == jnp.bfloat16
+    assert np.isfinite(jit_forward(mixed)(family.ref["input_ids"])).all()
+
+
+def test_random_init_and_split_merge():
+    cfg = models.ModelConfig(
+        model_type="qwen3",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        qk_norm=True,
+    )
+    model = models.CausalLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+    tokens = np.arange(10, dtype=np.int32).reshape(2, 5)
+    out = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)
+    assert out.shape == (2, 5, 64) and out.dtype == jnp.float32
+    assert np.isfinite(np.asarray(out)).all()
+
+
+# ----- configuration errors -----
+
+
+def _hf_config(**overrides):
+    base = {
+        "model_type": "qwen3",
+        "architectures": ["Qwen3ForCausalLM"],
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }
+    base.update(overrides)
+    return base
+
+
+def _write(tmp_path, cfg):
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    return tmp_path
+
+
+def test_config_missing_key_names_file_and_key(tmp_path):
+    cfg = _hf_config()
+    del cfg["intermediate_size"]
+    with pytest.raises(ValueError, match=r"config\.json.*intermediate_size"):
+        models.load_config(_write(tmp_path, cfg))
+
+
+def test_config_unsupported_model_type(tmp_path):
+    with pytest.raises(NotImplementedError, match=r"config\.json.*'gpt2'.*supported"):
+        models.load_config(_write(tmp_path, _hf_config(model_type="gpt2")))
+
+
+def test_config_unsupported_architecture(tmp_path):
+    cfg = _hf_config(architectures=["Qwen3ForSequenceClassification"])
+    with pytest.raises(NotImplementedError, match="Qwen3ForSequenceClassification"):
+        models.load_config(_write(tmp_path, cfg))
+
+
+def test_config_moe_is_planned(tmp_path):
+    with pytest.raises(NotImplementedError, match=r"Qwen3-MoE.*planned"):
+        models.load_config(_write(tmp_path, _hf_config(model_type="qwen3_moe")))
+
+
+def test_config_unsupported_rope_type(tmp_path):
+    cfg = _hf_config(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
+    with pytest.raises((NotImplementedError, ValueError), match="longrope"):
+        models.load_config(_write(tmp_path, cfg))
+
+
+def test_config_roundtrip_through_hf_dict():
+    cfg = models.load_config(os.path.join(DATA, "llama3"))
+    rebuilt = config_lib.config_from_hf(SimpleNamespace(**cfg.hf_config_dict()))
+    assert rebuilt == cfg

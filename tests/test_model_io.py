@@ -1,0 +1,236 @@
+"""Checkpoint loading and export: round trips, transformers' layout, sharded files, bad input."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from opdplus_jax import models
+
+DATA = os.path.join(os.path.dirname(__file__), "testdata", "models")
+FAMILIES = ["qwen3_tied", "qwen3_untied", "qwen2", "llama3"]
+TOL = 2e-4
+
+
+def _params(model):
+    return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _tensors(folder):
+    """name -> array over model.safetensors or all shards."""
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, name)))
+    return out
+
+
+def _copy(src, dst):
+    shutil.copytree(os.path.join(DATA, src), dst)
+    return dst
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_matches_what_transformers_wrote(family, tmp_path):
+    src = os.path.join(DATA, family)
+    model = models.from_pretrained(src)
+    models.save_pretrained(model, tmp_path)
+    with open(os.path.join(src, "export_reference.json")) as f:
+        reference = json.load(f)
+    ours = _tensors(tmp_path)
+    assert {k: [list(v.shape), str(v.dtype)] for k, v in ours.items()} == {
+        k: [v["shape"], v["dtype"]] for k, v in reference["tensors"].items()
+    }
+    theirs = _tensors(src)
+    for name, value in theirs.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
+    with open(os.path.join(tmp_path, "config.json")) as f:
+        config = json.load(f)
+    assert sorted(config) == reference["config_keys"]
+    assert config == reference["config"]
+    # Our load of our export is identical to the original load.
+    again = models.from_pretrained(tmp_path)
+    a, b = _params(model), _params(again)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert again.config == model.config
+
+
+def test_sharded_checkpoint_written_by_transformers_loads():
+    folder = os.path.join(DATA, "qwen3_sharded")
+    assert os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))
+    model = models.from_pretrained(folder)
+    single = _params(models.from_pretrained(os.path.join(DATA, "qwen3_tied")))
+    for key, value in _params(model).items():
+        np.testing.assert_array_equal(value, single[key])
+
+
+def test_sharded_export_round_trip(tmp_path):
+    model = models.from_pretrained(os.path.join(DATA, "llama3"))
+    models.save_pretrained(model, tmp_path, max_shard_size=100_000)
+    files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    with open(os.path.join(tmp_path, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    assert set(index["weight_map"].values()) == set(files)
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in _tensors(tmp_path).values())
+    again = models.from_pretrained(tmp_path)
+    a, b = _params(model), _params(again)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    # Re-exporting into the same folder as a single file removes the stale index.
+    models.save_pretrained(again, tmp_path)
+    assert not os.path.exists(os.path.join(tmp_path, "model.safetensors.index.json"))
+
+
+def test_bf16_export(tmp_path):
+    model = models.from_pretrained(os.path.join(DATA, "qwen2"), dtype=jnp.bfloat16)
+    models.save_pretrained(model, tmp_path)
+    with open(os.path.join(tmp_path, "config.json")) as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    with safe_open(os.path.join(tmp_path, "model.safetensors"), framework="numpy") as f:
+        assert str(f.get_tensor("model.norm.weight").dtype) == "bfloat16"
+    again = models.from_pretrained(tmp_path, dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(
+        np.asarray(again.embed_tokens[...]), np.asarray(model.embed_tokens[...])
+    )
+
+
+# ----- live comparison with transformers (PyTorch) -----
+
+_LIVE_SCRIPT = """
+import sys, numpy as np, torch, transformers
+for folder, ids_path, out_path in zip(*[iter(sys.argv[1:])] * 3):
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, local_files_only=True, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        np.save(out_path, model(torch.tensor(np.load(ids_path))).logits.float().numpy())
+"""
+
+
+def _torch_logits(jobs, tmp_path):
+    """transformers' logits for each (folder, ids): with this interpreter when torch is
+    importable, else with the one named by OPDPLUS_TORCH_PYTHON, else skip."""
+    if importlib.util.find_spec("torch") is not None:
+        python = sys.executable
+    elif os.environ.get("OPDPLUS_TORCH_PYTHON"):
+        python = os.environ["OPDPLUS_TORCH_PYTHON"]
+    else:
+        pytest.skip("torch is not importable and OPDPLUS_TORCH_PYTHON is not set")
+    args = []
+    for i, (folder, ids) in enumerate(jobs):
+        np.save(tmp_path / f"ids{i}.npy", ids)
+        args += [str(folder), str(tmp_path / f"ids{i}.npy"), str(tmp_path / f"out{i}.npy")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    subprocess.run([python, "-c", _LIVE_SCRIPT, *args], check=True, env=env)
+    return [np.load(tmp_path / f"out{i}.npy") for i in range(len(jobs))]
+
+
+def test_transformers_loads_export_with_same_logits(tmp_path):
+    """Export every family; transformers loads each export and gives our logits."""
+    jobs, ours = [], []
+    for family in FAMILIES:
+        ref = np.load(os.path.join(DATA, family, "reference.npz"))
+        model = models.from_pretrained(os.path.join(DATA, family))
+        models.save_pretrained(model, tmp_path / family)
+        jobs.append((tmp_path / family, ref["input_ids"]))
+        ours.append(ref["logits"])  # our logits == these (test_models); compare the export to them
+    for family, theirs, expected in zip(FAMILIES, _torch_logits(jobs, tmp_path), ours, strict=True):
+        np.testing.assert_allclose(theirs, expected, atol=TOL, rtol=0, err_msg=family)
+
+
+# ----- bad input -----
+
+
+def test_missing_config_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        models.from_pretrained(tmp_path)
+
+
+def test_missing_weights_file(tmp_path):
+    folder = _copy("qwen2", tmp_path / "m")
+    os.remove(folder / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
+        models.from_pretrained(folder)
+
+
+def test_missing_tensor_names_file_and_tensor(tmp_path):
+    folder = _copy("qwen2", tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.bias"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(KeyError, match=r"m.*model\.layers\.1\.self_attn\.k_proj\.bias"):
+        models.from_pretrained(folder)
+
+
+def test_untied_checkpoint_without_lm_head(tmp_path):
+    folder = _copy("llama3", tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(KeyError, match=r"lm_head\.weight"):
+        models.from_pretrained(folder)
+
+
+def test_shape_mismatch_names_file_and_tensor(tmp_path):
+    folder = _copy("qwen3_untied", tmp_path / "m")
+    with open(folder / "config.json") as f:
+        config = json.load(f)
+    config["intermediate_size"] = 96
+    with open(folder / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match=r"model\.safetensors.*model\.layers\.0\.mlp\.gate_proj"):
+        models.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "header"])
+def test_corrupt_safetensors_names_file(tmp_path, damage):
+    folder = _copy("qwen2", tmp_path / "m")
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    if damage == "garbage":
+        data = b"\x00\x01not a safetensors file" * 10
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data = data[:8] + b"[garbage" + data[16:]  # invalid JSON header
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=r"model\.safetensors.*(corrupt|truncated|cannot read)"):
+        models.from_pretrained(folder)
+
+
+def test_sharded_index_with_missing_shard(tmp_path):
+    folder = _copy("qwen3_sharded", tmp_path / "m")
+    os.remove(folder / "model-00002-of-00003.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"model-00002-of-00003\.safetensors"):
+        models.from_pretrained(folder)
+
+
+def test_sharded_index_listing_absent_tensor(tmp_path):
+    folder = _copy("qwen3_sharded", tmp_path / "m")
+    with open(folder / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    wrong = "model-00001-of-00003.safetensors"
+    name = next(k for k, v in index["weight_map"].items() if v != wrong)
+    index["weight_map"][name] = wrong
+    with open(folder / "model.safetensors.index.json", "w") as f:
+        json.dump(index, f)
+    with pytest.raises(KeyError, match=name.replace(".", r"\.")):
+        models.from_pretrained(folder)
+
+
+def test_loaded_arrays_are_committed_jax_arrays():
+    model = models.from_pretrained(os.path.join(DATA, "qwen3_tied"))
+    for value in jax.tree.leaves(nnx.state(model, nnx.Param)):
+        assert isinstance(value, jax.Array) and value.dtype == jnp.float32

@@ -1,0 +1,390 @@
+"""Prompt and SFT batch pipelines over grain `MapDataset`, with resumable iterator state.
+
+Both pipelines tokenize every record once up front (so the length filter's counts are exact
+before training starts), then build
+
+    grain.MapDataset.source(kept).shuffle(seed).repeat(num_epochs).map_with_index(+epoch)
+        .batch(batch_size, drop_remainder, collate).to_iter_dataset()
+
+Shuffling is a seeded permutation, re-drawn each epoch; batching happens after repeating, so with
+``drop_remainder=True`` every batch is full (static shapes under jit) and a batch may straddle two
+epochs; only a finite run's final partial batch is dropped. `get_state()` returns a
+JSON-serialisable dict (grain's iterator state, batches served, epoch and a fingerprint of data
+and settings); `set_state` on a pipeline built the same way resumes with exactly the batches an
+uninterrupted run would have seen, and refuses a state saved with other data or settings.
+
+`PromptPipeline` batches (B = batch_size, P = max_prompt_len)::
+
+    prompt_tokens  list of B int lists   chat-templated prompt ids, ragged (no padding)
+    prompt_ids     int32 [B, P]          the same, left-padded with the tokenizer's pad id
+    prompt_mask    int32 [B, P]          1 = real token
+    prompt_lens    int32 [B]
+    teacher        int32 [B]             index into `teachers` (0 when a record names none)
+    index          int64 [B]             record position in the source (line order)
+    epoch          int32 [B]
+    prompt, answer, teacher_name, domain, task: lists of B strings (None where absent)
+
+`SFTPipeline` (`sft_batches`) batches, L = seq_len, right-padded::
+
+    tokens          int32 [B, L]  prompt (chat template with generation prompt) + solution + EOS
+    loss_mask       int32 [B, L]  1 on solution and EOS tokens: token t is a target, predicted
+                                  from the logits at position t - 1
+    attention_mask  int32 [B, L]  1 on real tokens
+    prompt_lens     int32 [B], index int64 [B], epoch int32 [B], teacher int32 [B], plus lists
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from opdplus_jax.data.records import records_from
+from opdplus_jax.tokenizer import Tokenizer, pad_sequences
+
+logger = logging.getLogger(__name__)
+STATE_VERSION = 1
+Source = str | os.PathLike | Sequence[Any]
+
+
+def chat_prompt_texts(
+    tokenizer: Tokenizer, prompts: Sequence[str], system_prompt: str | None = None
+) -> list[str]:
+    """Each prompt as one user turn (after an optional system turn), rendered with the chat
+    template and the assistant generation prompt."""
+    head = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return [
+        tokenizer.apply_chat_template(
+            [*head, {"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in prompts
+    ]
+
+
+def _teacher_indices(
+    records: list[dict[str, Any]], teachers: Sequence[str] | None, where: str
+) -> list[int]:
+    """Teacher index per record: position in `teachers`; 0 when `teachers` is None or unnamed."""
+    if teachers is None:
+        return [0] * len(records)
+    lookup = {t: i for i, t in enumerate(teachers)}
+    if not lookup or len(lookup) != len(teachers):
+        raise ValueError(f"teachers must be non-empty, distinct names, got {list(teachers)}")
+    out = []
+    for i, rec in enumerate(records):
+        t = rec["teacher"]
+        if t is not None and t not in lookup:
+            raise ValueError(
+                f"{where}, record {i}: unknown teacher {t!r}; valid teachers: "
+                f"{', '.join(teachers)} (add it to `teachers` or fix the record)"
+            )
+        out.append(0 if t is None else lookup[t])
+    return out
+
+
+class _BatchStream:
+    """Seeded shuffle / repeat / batch over a list of prepared items, with resumable state."""
+
+    def __init__(
+        self,
+        items: list[dict[str, Any]],
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        num_epochs: int | None,
+        drop_remainder: bool,
+        read_options: grain.ReadOptions | None,
+        settings: dict[str, Any],
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_epochs is not None and num_epochs < 1:
+            raise ValueError(f"num_epochs must be >= 1 or None (forever), got {num_epochs}")
+        n = len(items)
+        if drop_remainder and n * (num_epochs or 1) < batch_size and num_epochs is not None:
+            raise ValueError(
+                f"only {n} examples x {num_epochs} epoch(s), fewer than batch_size={batch_size}; "
+                f"lower batch_size, add data or pass drop_remainder=False"
+            )
+        self.batch_size = batch_size
+        self.num_examples = n
+        ds = grain.MapDataset.source(items)
+        if shuffle:
+            ds = ds.shuffle(seed=seed)
+        ds = ds.repeat(num_epochs).map_with_index(lambda i, item: (i // n, item))
+        self._dataset = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=self._collate)
+        self._read_options = read_options or grain.ReadOptions(
+            num_threads=0, prefetch_buffer_size=0
+        )
+        digest = hashlib.blake2b(digest_size=16)
+        for item in items:
+            digest.update(repr((item["index"], item["tokens"], item["answer"])).encode())
+        self._fingerprint = {
+            **settings,
+            "num_examples": n,
+            "batch_size": batch_size,
+            "seed": seed,
+            "shuffle": shuffle,
+            "num_epochs": num_epochs,
+            "drop_remainder": drop_remainder,
+            "data_hash": digest.hexdigest(),
+        }
+        self._iterator = iter(self._dataset.to_iter_dataset(self._read_options))
+        self._batches = 0
+
+    def _collate(self, rows: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _common(rows: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+        items = [item for _, item in rows]
+        return {
+            "index": np.array([it["index"] for it in items], np.int64),
+            "epoch": np.array([e for e, _ in rows], np.int32),
+            "teacher": np.array([it["teacher"] for it in items], np.int32),
+            "prompt_lens": np.array([it["prompt_len"] for it in items], np.int32),
+            **{
+                k: [it[k] for it in items]
+                for k in ("prompt", "answer", "teacher_name", "domain", "task")
+            },
+        }
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch = next(self._iterator)
+        self._batches += 1
+        return batch
+
+    def __len__(self) -> int:
+        """Number of batches in the whole run (huge when repeating forever)."""
+        return len(self._dataset)
+
+    @property
+    def batches_per_epoch(self) -> float:
+        return self.num_examples / self.batch_size
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next example to be served (0-based)."""
+        return self._batches * self.batch_size // self.num_examples
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable iterator state (see `set_state`)."""
+        return {
+            "version": STATE_VERSION,
+            "batches": self._batches,
+            "epoch": self.epoch,
+            "grain": self._iterator.get_state(),
+            "fingerprint": dict(self._fingerprint),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Resume from `get_state()` of a pipeline built with the same data and settings."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported pipeline state version {state.get('version')!r}")
+        saved = state["fingerprint"]
+        diff = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
+        if diff:
+            details = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"cannot restore the data pipeline: its data or settings changed ({details})"
+            )
+        self._iterator.set_state(state["grain"])
+        self._batches = int(state["batches"])
+
+
+class PromptPipeline(_BatchStream):
+    """Batches of chat-templated, tokenized prompts for rollouts (see the module docstring).
+
+    Args:
+      source: a ``.jsonl`` / ``.parquet`` path, or a list of record dicts / `Example`s.
+      tokenizer: our `Tokenizer` (its chat template renders each prompt as a user turn).
+      batch_size: prompts per batch.
+      max_prompt_len: prompts with more tokens are dropped and counted in `stats`.
+      seed: shuffling seed. shuffle: False keeps source order (e.g. for eval).
+      num_epochs: passes over the data; None repeats forever.
+      teachers: teacher names; a record's ``teacher`` maps to its index (unknown => ValueError;
+        absent => 0). None: single teacher, every index 0.
+      drop_remainder: only full batches (default); False keeps a final smaller batch.
+      require_answer: records must have an ``answer`` (rewards and eval need it).
+      system_prompt: optional system turn before every prompt.
+      read_options: grain read options (default: no background threads).
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        tokenizer: Tokenizer,
+        *,
+        batch_size: int,
+        max_prompt_len: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        teachers: Sequence[str] | None = None,
+        drop_remainder: bool = True,
+        require_answer: bool = True,
+        system_prompt: str | None = None,
+        read_options: grain.ReadOptions | None = None,
+    ):
+        required = ("prompt", "answer") if require_answer else ("prompt",)
+        records, where = records_from(source, required=required)
+        teacher_ids = _teacher_indices(records, teachers, where)
+        texts = chat_prompt_texts(tokenizer, [r["prompt"] for r in records], system_prompt)
+        token_lists = tokenizer.encode(texts)
+        items, dropped = [], []
+        for i, (rec, toks) in enumerate(zip(records, token_lists, strict=True)):
+            if len(toks) > max_prompt_len:
+                dropped.append(len(toks))
+                continue
+            items.append(_item(i, rec, teacher_ids[i], toks, len(toks)))
+        self.stats = _length_stats(len(records), items, dropped, "prompt_too_long")
+        if not items:
+            raise ValueError(
+                f"{where}: all {len(records)} prompts are longer than max_prompt_len="
+                f"{max_prompt_len} tokens (shortest: {min(dropped)}); raise max_prompt_len"
+            )
+        _log_drops(where, self.stats, f"max_prompt_len={max_prompt_len}")
+        self.max_prompt_len = max_prompt_len
+        self.pad_id = tokenizer.pad_id
+        self.teachers = None if teachers is None else list(teachers)
+        super().__init__(
+            items,
+            batch_size=batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            num_epochs=num_epochs,
+            drop_remainder=drop_remainder,
+            read_options=read_options,
+            settings={
+                "kind": "prompt",
+                "max_prompt_len": max_prompt_len,
+                "teachers": self.teachers,
+            },
+        )
+
+    def _collate(self, rows):
+        batch = self._common(rows)
+        tokens = [list(item["tokens"]) for _, item in rows]
+        ids, mask = pad_sequences(tokens, self.pad_id, length=self.max_prompt_len, side="left")
+        return {"prompt_tokens": tokens, "prompt_ids": ids, "prompt_mask": mask, **batch}
+
+
+class SFTPipeline(_BatchStream):
+    """Prompt + solution sequences with a loss mask over the solution (see the module docstring).
+
+    Records need ``prompt`` and ``solution``; sequences longer than `seq_len` are dropped and
+    counted in `stats`. Other arguments as in `PromptPipeline`.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        tokenizer: Tokenizer,
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        teachers: Sequence[str] | None = None,
+        drop_remainder: bool = True,
+        system_prompt: str | None = None,
+        read_options: grain.ReadOptions | None = None,
+    ):
+        records, where = records_from(source, required=("prompt", "solution"))
+        if tokenizer.eos_id is None:
+            raise ValueError("the tokenizer has no EOS token; SFT targets end with EOS")
+        teacher_ids = _teacher_indices(records, teachers, where)
+        prompts = tokenizer.encode(
+            chat_prompt_texts(tokenizer, [r["prompt"] for r in records], system_prompt)
+        )
+        solutions = tokenizer.encode([r["solution"] for r in records])
+        items, dropped = [], []
+        for i, (rec, p, s) in enumerate(zip(records, prompts, solutions, strict=True)):
+            toks = [*p, *s, tokenizer.eos_id]
+            if len(toks) > seq_len:
+                dropped.append(len(toks))
+                continue
+            items.append(_item(i, rec, teacher_ids[i], toks, len(p)))
+        self.stats = _length_stats(len(records), items, dropped, "sequence_too_long")
+        if not items:
+            raise ValueError(
+                f"{where}: all {len(records)} prompt + solution sequences are longer than "
+                f"seq_len={seq_len} tokens (shortest: {min(dropped)}); raise seq_len"
+            )
+        _log_drops(where, self.stats, f"seq_len={seq_len}")
+        self.seq_len = seq_len
+        self.pad_id = tokenizer.pad_id
+        self.teachers = None if teachers is None else list(teachers)
+        super().__init__(
+            items,
+            batch_size=batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            num_epochs=num_epochs,
+            drop_remainder=drop_remainder,
+            read_options=read_options,
+            settings={"kind": "sft", "seq_len": seq_len, "teachers": self.teachers},
+        )
+
+    def _collate(self, rows):
+        batch = self._common(rows)
+        seqs = [item["tokens"] for _, item in rows]
+        tokens, attention = pad_sequences(seqs, self.pad_id, length=self.seq_len, side="right")
+        loss_mask = attention.copy()
+        for b, (_, item) in enumerate(rows):
+            loss_mask[b, : item["prompt_len"]] = 0
+        return {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": attention, **batch}
+
+
+def sft_batches(
+    source: Source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, **kwargs: Any
+) -> SFTPipeline:
+    """The SFT view of a data source: an `SFTPipeline` (iterable, with get_state/set_state)."""
+    return SFTPipeline(source, tokenizer, seq_len=seq_len, batch_size=batch_size, **kwargs)
+
+
+def _item(index: int, rec: dict[str, Any], teacher: int, tokens, prompt_len: int) -> dict:
+    return {
+        "index": index,
+        "tokens": tuple(int(t) for t in tokens),
+        "prompt_len": prompt_len,
+        "prompt": rec["prompt"],
+        "answer": rec["answer"],
+        "teacher": teacher,
+        "teacher_name": rec["teacher"],
+        "domain": rec["domain"],
+        "task": rec["task"],
+    }
+
+
+def _length_stats(total: int, items: list, dropped: list[int], reason: str) -> dict[str, Any]:
+    return {
+        "num_records": total,
+        "num_kept": len(items),
+        "num_dropped": len(dropped),
+        "dropped": {reason: len(dropped)},
+        "longest_kept": max(len(it["tokens"]) for it in items) if items else 0,
+        "longest_dropped": max(dropped, default=0),
+    }
+
+
+def _log_drops(where: str, stats: dict[str, Any], limit: str) -> None:
+    if stats["num_dropped"]:
+        logger.warning(
+            "%s: dropped %d of %d records longer than %s (longest: %d tokens)",
+            where,
+            stats["num_dropped"],
+            stats["num_records"],
+            limit,
+            stats["longest_dropped"],
+        )

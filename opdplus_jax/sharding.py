@@ -42,6 +42,7 @@ LOGICAL_RULES: AxisRules = (
     ("batch", BATCH_AXES),
     ("length", None),
     ("cache_length", None),
+    ("act_embed", None),
     ("vocab", TENSOR),
     ("embed", FSDP),
     ("heads", TENSOR),

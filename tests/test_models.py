@@ -108,6 +108,11 @@ def test_padded_logits_match_transformers_and_unpadded(family):
         ref["padded_input_ids"], ref["padded_attention_mask"], ref["padded_position_ids"]
     )
     np.testing.assert_allclose(explicit[mask], padded[mask], atol=1e-6)
+    # Whatever sits in padding positions (here an out-of-range -1) cannot leak into real tokens.
+    junk = np.where(mask, ref["padded_input_ids"], -1)
+    np.testing.assert_array_equal(
+        family.forward(junk, ref["padded_attention_mask"])[mask], padded[mask]
+    )
     # Each left-padded row equals the same tokens without padding (causal: a prefix of row b).
     unpadded = family.forward(ref["input_ids"])
     for b, n in enumerate(ref["padded_lengths"]):

@@ -198,7 +198,10 @@ def from_pretrained(
         var = variables[spec.path]
         if mesh is not None:
             sharding = shd.logical_sharding(mesh, shd.logical_axes_of(var), value.shape, rules)
-            placed = jax.device_put(value, sharding)
+            # Each device receives only its block (also correct with several processes).
+            placed = jax.make_array_from_callback(
+                value.shape, sharding, lambda idx, v=value: v[idx]
+            )
         else:
             placed = jax.device_put(value)
         del value

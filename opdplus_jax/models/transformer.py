@@ -263,7 +263,9 @@ class CausalLM(nnx.Module):
         return shd.constrain(x, axes, self.mesh, self.rules)
 
     def _embed(self, tokens_BL):
-        x = jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(self.dtype)
+        # mode="clip": an out-of-range id (e.g. a -1 pad) must not turn into NaN (jnp's default),
+        # which would leak into every row through 0 * NaN in the attention of masked keys.
+        x = jnp.take(self.embed_tokens[...], tokens_BL, axis=0, mode="clip").astype(self.dtype)
         return self._constrain(x, ("batch", "length", "act_embed"))
 
     def _logits(self, x_BLD):

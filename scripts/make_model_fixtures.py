@@ -8,9 +8,10 @@ Run with a Python that has PyTorch (CPU) and transformers, from the repository r
     HF_HUB_OFFLINE=1 /path/to/torch-venv/bin/python scripts/make_model_fixtures.py
 
 Everything is deterministic (fixed seeds, float32, eager attention) and nothing is downloaded.
-For each family (`qwen3_tied`, `qwen3_untied` (with yarn RoPE), `qwen2` (q/k/v biases, GQA),
-`llama3` (rope_type "llama3", untied)) it writes a folder that is exactly what transformers'
-`save_pretrained` wrote (config.json, model.safetensors, tokenizer files), plus:
+For each family (`qwen3_tied`; `qwen3_untied` with yarn RoPE and head_dim 32 != hidden/heads, as
+in Qwen3-4B; `qwen2` with q/k/v biases and GQA; `llama3` with rope_type "llama3", untied) it
+writes a folder that is exactly what transformers' `save_pretrained` wrote (config.json,
+model.safetensors, tokenizer files), plus:
 
 - `reference.npz`: `input_ids` [3, 12] and transformers' float32 `logits` [3, 12, V]; a
   left-padded batch `padded_input_ids`, `padded_attention_mask`, `padded_position_ids`
@@ -149,7 +150,7 @@ def family_configs(tok) -> dict[str, transformers.PretrainedConfig]:
             **COMMON, **ids, head_dim=16, tie_word_embeddings=True
         ),
         "qwen3_untied": transformers.Qwen3Config(
-            **COMMON, **ids, head_dim=16, tie_word_embeddings=False, rope_parameters=yarn
+            **COMMON, **ids, head_dim=32, tie_word_embeddings=False, rope_parameters=yarn
         ),
         "qwen2": transformers.Qwen2Config(**COMMON, **ids, tie_word_embeddings=False),
         "llama3": transformers.LlamaConfig(

@@ -67,7 +67,9 @@ def jit_decode(model):
 def test_config_fields(family):
     cfg = family.model.config
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_layers) == (304, 64, 2)
-    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (4, 2, 16)
+    # qwen3_untied has head_dim != hidden_size / num_heads (as Qwen3-4B does).
+    assert (cfg.num_heads, cfg.num_kv_heads) == (4, 2)
+    assert cfg.head_dim == (32 if family.name == "qwen3_untied" else 16)
     assert cfg.eos_token_id == 2 and cfg.pad_token_id == 0
     expected = {
         "qwen3_tied": ("qwen3", True, "default"),
@@ -139,7 +141,7 @@ def test_cached_decode_equals_full_forward(family):
     slots, prefill = length + 4, 4
     cache = model.init_cache(batch, slots)
     assert len(cache) == model.config.num_layers
-    assert cache[0]["k"].shape == (batch, slots, 2, 16)
+    assert cache[0]["k"].shape == (batch, slots, 2, model.config.head_dim)
     kv_mask = np.zeros((batch, slots), bool)
     kv_mask[:, :prefill] = mask[:, :prefill]
     logits, cache = decode(ids[:, :prefill], positions[:, :prefill], cache, 0, kv_mask)

@@ -160,11 +160,13 @@ def from_pretrained(
     param_dtype: Any = None,
     mesh: Mesh | None = None,
     rules: shd.AxisRules = shd.LOGICAL_RULES,
+    attention_chunk_size: int | None = 1024,
 ) -> CausalLM:
     """Load a Hugging Face checkpoint folder into a `CausalLM`.
 
     `dtype` is the activation dtype, `param_dtype` (default `dtype`) the stored weight dtype. With
     `mesh`, every weight is placed with the `NamedSharding` its logical axes map to (`rules`).
+    `attention_chunk_size`: queries per attention chunk in the full forward (see `CausalLM`).
     Errors name the file and tensor (missing config.json or tensor, shape mismatch, corrupt file).
     """
     folder = os.fspath(path)
@@ -172,7 +174,13 @@ def from_pretrained(
     param_dtype = jnp.dtype(dtype if param_dtype is None else param_dtype)
     abstract = nnx.eval_shape(
         lambda: CausalLM(
-            cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), mesh=mesh, rules=rules
+            cfg,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=nnx.Rngs(0),
+            mesh=mesh,
+            rules=rules,
+            attention_chunk_size=attention_chunk_size,
         )
     )
     graphdef, state = nnx.split(abstract)

@@ -124,8 +124,7 @@ def apply_rope(x_BLNH: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return x_BLNH * cos + rotated * sin
 
 
-def attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, num_kv_heads: int) -> jax.Array:
-    """Grouped-query softmax attention; scores and softmax in float32. Returns [B, L, N, H]."""
+def _attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, num_kv_heads: int) -> jax.Array:
     b, length, n, h = q_BLNH.shape
     q = q_BLNH.reshape(b, length, num_kv_heads, n // num_kv_heads, h)
     scores = jnp.einsum("BLKGH,BSKH->BKGLS", q, k_BSKH, preferred_element_type=jnp.float32)
@@ -134,6 +133,28 @@ def attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, num_kv_heads: int) -> jax.Array:
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
     out = jnp.einsum("BKGLS,BSKH->BLKGH", probs, v_BSKH)
     return out.reshape(b, length, n, h)
+
+
+def attention(
+    q_BLNH, k_BSKH, v_BSKH, mask_BLS, num_kv_heads: int, chunk_size: int | None = None
+) -> jax.Array:
+    """Grouped-query softmax attention; scores and softmax in float32. Returns [B, L, N, H].
+
+    With `chunk_size` < L, queries are processed in chunks (`lax.map` of a rematerialised
+    function), so only [B, N, chunk_size, S] scores are live, in the forward and the backward.
+    """
+    b, length, n, h = q_BLNH.shape
+    if not chunk_size or length <= chunk_size:
+        return _attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, num_kv_heads)
+    chunks = -(-length // chunk_size)
+    pad = chunks * chunk_size - length
+    q = jnp.pad(q_BLNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    mask = jnp.pad(mask_BLS, ((0, 0), (0, pad), (0, 0)))
+    q = q.reshape(b, chunks, chunk_size, n, h).swapaxes(0, 1)
+    mask = mask.reshape(b, chunks, chunk_size, -1).swapaxes(0, 1)
+    one = jax.checkpoint(lambda qm: _attention(qm[0], k_BSKH, v_BSKH, qm[1], num_kv_heads))
+    out = jax.lax.map(one, (q, mask))  # [chunks, B, chunk, N, H]
+    return out.swapaxes(0, 1).reshape(b, chunks * chunk_size, n, h)[:, :length]
 
 
 class Attention(nnx.Module):
@@ -174,16 +195,17 @@ class Attention(nnx.Module):
             y = y + self.o_bias[...].astype(self.dtype)
         return y
 
-    def __call__(self, x_BLD, sin, cos, mask_BLS):
+    def __call__(self, x_BLD, sin, cos, mask_BLS, chunk_size=None):
         q, k, v = self.qkv(x_BLD, sin, cos)
-        return self.out(attention(q, k, v, mask_BLS, self.cfg.num_kv_heads))
+        return self.out(attention(q, k, v, mask_BLS, self.cfg.num_kv_heads, chunk_size))
 
-    def decode(self, x_BLD, sin, cos, mask_BLS, cache: dict[str, jax.Array], write_index):
+    def decode(self, x_BLD, sin, cos, mask_BLS, cache, write_index, chunk_size=None):
         q, k, v = self.qkv(x_BLD, sin, cos)
         start = (0, write_index, 0, 0)
         ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
         cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-        o = attention(q, ck.astype(self.dtype), cv.astype(self.dtype), mask_BLS, k.shape[2])
+        ck_, cv_ = ck.astype(self.dtype), cv.astype(self.dtype)
+        o = attention(q, ck_, cv_, mask_BLS, self.cfg.num_kv_heads, chunk_size)
         return self.out(o), {"k": ck, "v": cv}
 
 
@@ -220,15 +242,14 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = _param(rngs, (d,), ("norm",), param_dtype, "ones")
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_BLD, sin, cos, mask_BLS):
-        x_BLD = x_BLD + self.attn(
-            rms_norm(x_BLD, self.input_norm[...], self.eps), sin, cos, mask_BLS
-        )
+    def __call__(self, x_BLD, sin, cos, mask_BLS, chunk_size=None):
+        h = rms_norm(x_BLD, self.input_norm[...], self.eps)
+        x_BLD = x_BLD + self.attn(h, sin, cos, mask_BLS, chunk_size)
         return x_BLD + self.mlp(rms_norm(x_BLD, self.post_attention_norm[...], self.eps))
 
-    def decode(self, x_BLD, sin, cos, mask_BLS, cache, write_index):
+    def decode(self, x_BLD, sin, cos, mask_BLS, cache, write_index, chunk_size=None):
         h = rms_norm(x_BLD, self.input_norm[...], self.eps)
-        a, cache = self.attn.decode(h, sin, cos, mask_BLS, cache, write_index)
+        a, cache = self.attn.decode(h, sin, cos, mask_BLS, cache, write_index, chunk_size)
         x_BLD = x_BLD + a
         return x_BLD + self.mlp(rms_norm(x_BLD, self.post_attention_norm[...], self.eps)), cache
 
@@ -245,8 +266,12 @@ class CausalLM(nnx.Module):
         rngs: nnx.Rngs,
         mesh: Mesh | None = None,
         rules: shd.AxisRules = shd.LOGICAL_RULES,
+        attention_chunk_size: int | None = 1024,
     ):
+        """`mesh`/`rules` add activation sharding constraints; `attention_chunk_size` bounds the
+        attention-score memory of the full forward (queries per chunk, None = no chunking)."""
         param_dtype = dtype if param_dtype is None else param_dtype
+        self.attention_chunk_size = attention_chunk_size
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
@@ -297,7 +322,7 @@ class CausalLM(nnx.Module):
         sin, cos = rope_sin_cos(self.config, positions_BL, self.dtype)
         x = self._embed(tokens_BL)
         for layer in self.layers:
-            x = layer(x, sin, cos, mask_BLS)
+            x = layer(x, sin, cos, mask_BLS, self.attention_chunk_size)
         return self._logits(x)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
@@ -337,6 +362,8 @@ class CausalLM(nnx.Module):
         x = self._embed(tokens_BL)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x, layer_cache = layer.decode(x, sin, cos, mask_BLS, layer_cache, write_index)
+            x, layer_cache = layer.decode(
+                x, sin, cos, mask_BLS, layer_cache, write_index, self.attention_chunk_size
+            )
             new_cache.append(layer_cache)
         return self._logits(x), new_cache

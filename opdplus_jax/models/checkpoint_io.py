@@ -189,9 +189,10 @@ def from_pretrained(
     files = _weight_files(folder)
     missing = [name for name in specs if name not in files]
     if missing:
-        where = os.path.join(folder, SAFETENSORS_INDEX if len(set(files.values())) > 1 else "")
+        index = os.path.join(folder, SAFETENSORS_INDEX)
+        where = index if os.path.isfile(index) else os.path.join(folder, SAFETENSORS)
         raise KeyError(
-            f"{where or folder}: missing tensor(s) {missing[:5]}"
+            f"{where}: missing tensor(s) {missing[:5]}"
             + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         )
     for name, array in _read_tensors(files, list(specs)):

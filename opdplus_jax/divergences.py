@@ -92,7 +92,11 @@ class Divergence:
         return self.opd_plus_advantage(log_u) + self.f(log_u)
 
     def dual(self) -> Divergence:
-        """The divergence with its arguments swapped, D(q||pi) as a function of (pi, q)."""
+        """The divergence with its arguments swapped, D(q||pi) as a function of (pi, q).
+
+        Exact, gauge included: dual().f(log u) == u f(1/u) for every u, so that
+        pi f(q/pi) == q dual().f(pi/q) entry by entry (not only in expectation).
+        """
         raise NotImplementedError(f"{self.name} has no registered dual")
 
     @property
@@ -337,7 +341,9 @@ class Alpha(Divergence):
         return -1.0 / a - _expm1((1.0 - a) * x) / (a - 1.0)
 
     def dual(self):
-        return Alpha(alpha=1.0 - self.alpha)
+        # u f(1/u) = (u^a - u) / (a (a - 1)): alpha(1 - a) in the gauge c = 1 / (a (a - 1)).
+        a = self.alpha
+        return Gauged(base=Alpha(alpha=1.0 - a), c=1.0 / (a * (a - 1.0)))
 
 
 @register
@@ -429,6 +435,10 @@ class Gauged(Divergence):
 
     def _opd_plus(self, x):
         return self.base._opd_plus(x) - self.c
+
+    def dual(self):
+        # u (f(1/u) + c (1 - 1/u)) = f_dual(u) - c (1 - u)
+        return Gauged(base=self.base.dual(), c=-self.c)
 
 
 def with_gauge(divergence: str | Divergence, c: float) -> Divergence:

@@ -47,6 +47,7 @@ __all__ = [
     "estimate",
     "group_baseline",
     "log_ratio",
+    "reward_to_go",
 ]
 
 CORRECTIONS = ("opd_plus", "stop_grad")
@@ -120,7 +121,7 @@ def log_ratio(
     return reward_scale * lt + (1.0 - reward_scale) * lr - ls
 
 
-def _reward_to_go(reward_BT: jax.Array, discount: float, chunk: int = 64) -> jax.Array:
+def reward_to_go(reward_BT: jax.Array, discount: float, chunk: int = 64) -> jax.Array:
     """future_t = sum_{s>t} discount^(s-t) reward_s, by a reverse `lax.scan` over time chunks.
 
     T is split into chunks of K tokens. Within a chunk the discounted sums are one matmul with
@@ -199,7 +200,7 @@ def _estimate(
         log_u_seq = log_u.sum(axis=-1, keepdims=True)  # [B, 1]
         adv = advantage_fn(log_u_seq) * fm
     else:
-        adv = (advantage_fn(log_u) + _reward_to_go(reward, discount)) * fm
+        adv = (advantage_fn(log_u) + reward_to_go(reward, discount)) * fm
         if discount_objective:
             t = jnp.arange(adv.shape[-1], dtype=adv.dtype)
             adv = adv * (discount**t if discount > 0 else (t == 0).astype(adv.dtype))

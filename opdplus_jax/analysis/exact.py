@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opdplus_jax import divergences, estimators, losses
+from opdplus_jax import divergences, estimators, fullvocab, losses
 from opdplus_jax.analysis import closed_forms
 from opdplus_jax.analysis.tabular import (
     Space,
@@ -85,6 +85,15 @@ class Estimator:
     aggregation: str = "seq_mean_token_sum"
     batch_size: int = 1
     baseline: str | None = None  # an `estimators.group_baseline` kind over the batch
+    # Full-vocabulary estimator C_gamma (`opdplus_jax.fullvocab`) instead of the sampled token's.
+    full_vocab: bool = False
+    support: str = "full"
+    top_k: int | None = None
+    tail: str = "renormalize"
+
+    def __post_init__(self):
+        if self.full_vocab and (self.level != "token" or self.correction != "opd_plus"):
+            raise ValueError("full_vocab estimators are token-level and exact (opd_plus)")
 
     def advantages(self, ls, lt, lr, mask):
         return estimators.advantages(
@@ -102,7 +111,7 @@ class Estimator:
         )
 
     def loss(self, ls, lt, lr, mask):
-        """The surrogate loss of one batch [G, T]; its gradient is one draw of the estimator."""
+        """The surrogate loss of one batch [G, T] of sampled-token log-probs."""
         adv = self.advantages(ls, lt, lr, mask)
         if self.baseline is not None:
             adv = estimators.group_baseline(adv, mask, self.batch_size, kind=self.baseline)
@@ -129,6 +138,30 @@ def _teacher_tokens(problem: Problem):
     return lt, token_logprobs(space, ref)
 
 
+def _full_vocab_loss(problem: Problem, estimator: Estimator, theta, idx, mask):
+    """C_gamma on the batch `idx`: the tabular policy as a model whose hidden state at each
+    position is the one-hot prefix and whose unembedding is the logits table."""
+    space = problem.space
+    hidden = jax.nn.one_hot(jnp.asarray(space.prefix)[idx], space.num_prefixes, dtype=theta.dtype)
+    ref = problem.reference if problem.reference is not None else problem.teacher
+    d = fullvocab.token_divergences(
+        fullvocab.Head(hidden, theta),
+        fullvocab.Head(hidden, problem.teacher),
+        mask,
+        divergence=estimator.divergence,
+        reward_scale=estimator.reward_scale,
+        reference=fullvocab.Head(hidden, ref),
+        chunk_size=space.horizon,
+        support=estimator.support,
+        top_k=estimator.top_k,
+        tail=estimator.tail,
+    )
+    ls = token_logprobs(space, theta)[idx]
+    return fullvocab.analytic_loss(
+        d, ls, mask, discount=estimator.discount, aggregation=estimator.aggregation
+    )
+
+
 def per_batch_gradients(problem: Problem, estimator: Estimator, batches: np.ndarray) -> jax.Array:
     """The estimator's draw grad loss(batch) for each batch of sequence rows [M, G] -> [M, P, V]."""
     space = problem.space
@@ -137,6 +170,8 @@ def per_batch_gradients(problem: Problem, estimator: Estimator, batches: np.ndar
 
     def grad_one(idx):
         def loss(theta):
+            if estimator.full_vocab:
+                return _full_vocab_loss(problem, estimator, theta, idx, mask[idx])
             ls = token_logprobs(space, theta)[idx]
             return estimator.loss(ls, lt[idx], lr[idx], mask[idx])
 

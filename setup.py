@@ -19,10 +19,13 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<3",
     "absl-py>=2.1,<3",
     "tqdm>=4.66,<5",
+    "math-verify>=0.9,<0.10",
 ]
 
 EXTRAS = {
+    "data": ["pyarrow>=15,<28"],
     "test": [
+        "pyarrow>=15,<28",
         "pytest>=8.3,<10",
         "pytest-xdist>=3.6,<4",
         "hypothesis>=6.100,<7",

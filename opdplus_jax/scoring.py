@@ -26,12 +26,13 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from opdplus_jax.sharding import BATCH_AXES
+
 # Number of times each compiled function has been traced (a Python side effect that runs only
 # while tracing, so it counts compilations). Tests use it to check that repeated calls reuse the
 # compiled code.
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
-BATCH_AXES = ("data", "fsdp")  # mesh axes a batch is split over (see opdplus_jax.sharding)
 ModelLike = Any  # an nnx.Module, or a (graphdef, params) / (graphdef, params, rest) tuple
 
 

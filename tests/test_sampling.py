@@ -254,6 +254,19 @@ def test_tempered_truncated_sampling_matches_distribution_real_model():
     assert chi_square_pvalue(counts, probs) > ALPHA
 
 
+def test_two_stage_categorical_is_exact():
+    """The grouped Gumbel-max draw follows softmax(logits): K = 1000 (32 groups of 32, the last
+    one padded), every 7th logit -inf, 20000 rows, alpha = 1e-3."""
+    V, n = 1000, 20000
+    logits = 2.0 * jax.random.normal(jax.random.key(5), (V,))
+    logits = logits.at[::7].set(-jnp.inf)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(1), jnp.arange(n))
+    draw = jax.jit(lambda k, x: sampling._categorical(k, 0, jnp.broadcast_to(x, (n, V))))
+    counts = np.bincount(np.asarray(draw(keys, logits)), minlength=V)
+    probs = np.exp(log_softmax(np.asarray(logits, np.float64)))
+    assert chi_square_pvalue(counts, probs) > ALPHA
+
+
 def test_rows_do_not_depend_on_batch_composition():
     model = toy()
     kw = {"max_new_tokens": 6, "rng": jax.random.key(5), "top_k": 8}

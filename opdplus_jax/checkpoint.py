@@ -72,6 +72,8 @@ def _jsonable(obj: Any, where: str = "") -> Any:
     """Converts numpy/jax scalars and tuples to plain JSON types; names the offending entry."""
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
+    if not isinstance(obj, Mapping) and callable(getattr(obj, "to_dict", None)):
+        obj = obj.to_dict()  # e.g. ml_collections.ConfigDict
     if isinstance(obj, Mapping):
         out = {}
         for k, v in obj.items():
@@ -184,7 +186,7 @@ class CheckpointManager:
         self.read_only = read_only
         self._warn_unfinalised()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            max_to_keep=None if read_only else keep,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only,
             read_only=read_only,

@@ -339,6 +339,10 @@ class Timer:
         """{"time/<name>": total seconds since the last reset}."""
         return {f"time/{k}": v for k, v in self._totals.items()}
 
+    def total(self) -> float:
+        """Sum of all names' seconds since the last reset (nested timers count twice)."""
+        return sum(self._totals.values())
+
     def counts(self) -> dict[str, int]:
         return dict(self._counts)
 

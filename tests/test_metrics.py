@@ -95,8 +95,9 @@ def test_timer_sums_and_resets():
     assert 0.03 <= summary["time/a"] < 1.0
     assert 0.0 <= summary["time/b"] < summary["time/a"]
     assert timer.counts() == {"a": 3, "b": 2}
+    assert timer.total() == pytest.approx(summary["time/a"] + summary["time/b"])
     timer.reset()
-    assert timer.summary() == {}
+    assert timer.summary() == {} and timer.total() == 0.0
 
 
 def test_progress_and_format_line(monkeypatch):

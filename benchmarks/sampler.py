@@ -54,7 +54,7 @@ if args["mode"] == "create":
     torch.manual_seed(0)
     model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**args["config"]))
     model.save_pretrained(args["path"])
-    print(json.dumps({"params": sum(p.numel() for p in model.parameters())}))
+    print(json.dumps({"params": sum(p.numel() for p in model.parameters())}), flush=True)
     sys.exit()
 dtype = getattr(torch, args["dtype"])
 model = transformers.AutoModelForCausalLM.from_pretrained(args["path"], dtype=dtype).eval()
@@ -62,32 +62,46 @@ ids = torch.tensor(args["prompts"])
 n = args["new_tokens"]
 kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=n,
           min_new_tokens=n, pad_token_id=0, attention_mask=torch.ones_like(ids))
-times = []
-with torch.inference_mode():
-    torch.manual_seed(0)
-    model.generate(ids, **kw)  # warm-up
-    for _ in range(args["repeats"]):
+print(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__,
+                  "transformers": transformers.__version__}), flush=True)
+for line in sys.stdin:  # one timed generate per request line
+    with torch.inference_mode():
         t = time.perf_counter()
         out = model.generate(ids, **kw)
-        times.append(time.perf_counter() - t)
-assert out.shape == (ids.shape[0], ids.shape[1] + n), out.shape
-print(json.dumps({"times": times, "threads": torch.get_num_threads(),
-                  "torch": torch.__version__, "transformers": transformers.__version__}))
+        seconds = time.perf_counter() - t
+    assert out.shape == (ids.shape[0], ids.shape[1] + n), out.shape
+    print(json.dumps({"seconds": seconds}), flush=True)
 """
 
 
-def run_torch(python: str, args: dict) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    out = subprocess.run(
-        [python, "-c", TORCH_WORKER, json.dumps(args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    if out.returncode:
-        raise RuntimeError(f"PyTorch worker failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class TorchWorker:
+    """transformers in a subprocess of a Python with torch; `run()` times one generate call."""
+
+    def __init__(self, python: str, args: dict):
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        self.proc = subprocess.Popen(
+            [python, "-c", TORCH_WORKER, json.dumps(args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"PyTorch worker exited with code {self.proc.wait()}")
+        return json.loads(line)
+
+    def run(self) -> float:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._read()["seconds"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -138,48 +152,56 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or os.path.join(tmp, "qwen3-bench")
         if not args.checkpoint:
-            made = run_torch(args.torch_python, {
+            maker = TorchWorker(args.torch_python, {
                 "mode": "create", "path": path, "config": CONFIG, "threads": cores})  # fmt: skip
-            print(f"random Qwen3-shaped checkpoint: {made['params'] / 1e6:.1f}M parameters")
+            maker.close()
+            print(f"random Qwen3-shaped checkpoint: {maker.info['params'] / 1e6:.1f}M parameters")
         rng = np.random.default_rng(0)
         prompts = rng.integers(3, CONFIG["vocab_size"], (args.batch, args.prompt_len)).tolist()
 
-        # --- ours
-        dtype = jnp.dtype(args.dtype)
-        model = models.from_pretrained(path, dtype=dtype)
+        model = models.from_pretrained(path, dtype=jnp.dtype(args.dtype))
         kw = {"max_new_tokens": args.new_tokens, "temperature": 1.0,
-                  "prompt_buckets": (args.prompt_len,)}  # fmt: skip
+              "prompt_buckets": (args.prompt_len,)}  # fmt: skip
 
-        def ours(seed):
+        def ours(seed: int) -> None:
             r = sampling.generate(model, prompts, rng=jax.random.key(seed), **kw)
             jax.block_until_ready(r)
-            return r
+            assert r.tokens.shape == (args.batch, args.new_tokens) and bool(r.mask.all())
 
+        compile_events: list[float] = []
+
+        def listener(name: str, secs: float, **_) -> None:
+            if "/compile/" in name:
+                compile_events.append(secs)
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
         first = _timed(lambda: ours(0))
-        times = [_timed(lambda i=i: ours(i + 1)) for i in range(args.repeats)]
-        r = ours(99)
-        assert r.tokens.shape == (args.batch, args.new_tokens) and int(r.mask.sum()) == r.mask.size
-        ours_s = statistics.median(times)
-        compile_s = first - ours_s
-
-        # --- transformers
-        theirs = run_torch(args.torch_python, {
+        jax.monitoring.unregister_event_duration_listener(listener)
+        theirs = TorchWorker(args.torch_python, {
             "mode": "generate", "path": path, "prompts": prompts, "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "threads": cores, "dtype": args.dtype})  # fmt: skip
-        theirs_s = statistics.median(theirs["times"])
+            "threads": cores, "dtype": args.dtype})  # fmt: skip
+        theirs.run()  # warm-up
+        ours_times, theirs_times = [], []
+        for i in range(args.repeats):  # alternate, so that both see the same machine load
+            ours_times.append(_timed(lambda i=i: ours(i + 1)))
+            theirs_times.append(theirs.run())
+        theirs.close()
 
+    ours_s, theirs_s = statistics.median(ours_times), statistics.median(theirs_times)
     new = args.batch * args.new_tokens
     flops = generate_flops(CONFIG, args.batch, args.prompt_len, args.new_tokens)
     peak = matmul_peak_gflops()
     achieved = flops / ours_s / 1e9
+    info = theirs.info
     print(f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"temperature 1, median of {args.repeats}")  # fmt: skip
-    print(f"opdplus_jax  : {new / ours_s:9.1f} new tokens/s  ({ours_s * 1e3:7.1f} ms/call)")
-    print(f"transformers : {new / theirs_s:9.1f} new tokens/s  ({theirs_s * 1e3:7.1f} ms/call; "
-          f"torch {theirs['torch']}, transformers {theirs['transformers']}, "
-          f"{theirs['threads']} threads)")  # fmt: skip
+          f"temperature 1, median of {args.repeats} alternating runs")  # fmt: skip
+    print(f"opdplus_jax  : {new / ours_s:9.1f} new tokens/s  ({ours_s * 1e3:8.1f} ms/call)")
+    print(f"transformers : {new / theirs_s:9.1f} new tokens/s  ({theirs_s * 1e3:8.1f} ms/call; "
+          f"torch {info['torch']}, transformers {info['transformers']}, "
+          f"{info['threads']} threads)")  # fmt: skip
     print(f"ratio        : {theirs_s / ours_s:.2f}x")
-    print(f"compile time : {compile_s:.2f} s (first call {first:.2f} s)")
+    print(f"compile time : {sum(compile_events):.2f} s (trace + lower + compile; first call "
+          f"{first:.2f} s)")  # fmt: skip
     print(f"achieved     : {achieved:.1f} GFLOP/s = {achieved / peak:.1%} of the measured "
           f"float32 matmul peak ({peak:.1f} GFLOP/s, 2048^3)")  # fmt: skip
 

@@ -18,6 +18,7 @@ row's sample depends neither on the rest of the batch nor on how the batch is sh
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -79,8 +80,7 @@ def _check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(
             f"temperature must be a finite number >= 0 (0 = greedy); got {temperature!r}"
         )
-    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = no top-k truncation); got {top_k!r}")
+    _check_int("top_k", top_k, 0, " (0 = no top-k truncation)")
     if not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus truncation); got {top_p!r}")
 
@@ -257,123 +257,67 @@ def pad_prompts(
 # ----------------------------------------------------------------------------- compiled steps
 
 
-def _explicit(mesh, axes) -> bool:
-    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
-    return any(types[a] == jax.sharding.AxisType.Explicit for a in axes)
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Static (hashed) settings of the compiled prefill/decode: one compilation per value."""
+
+    cache_length: int
+    max_new_tokens: int = 0
+    greedy: bool = False
+    top_k: int = 0
+    use_top_p: bool = False
+    stop_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    vocab_size: int | None = None
+    mesh: jax.sharding.Mesh | None = None
+    batch_axes: tuple[str, ...] = ()
+
+    def constrain(self, x):
+        """Shard dim 0 of `x` over the batch axes (no-op without a mesh)."""
+        if self.mesh is None or not self.batch_axes:
+            return x
+        spec = P(self.batch_axes, *([None] * (x.ndim - 1)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
 
-def _constrain(x, mesh, batch_axes):
-    """Shard dim 0 of `x` over the batch axes of `mesh` (no-op without a mesh)."""
-    if mesh is None or not batch_axes or _explicit(mesh, batch_axes):
-        return x  # explicit axes: the sharding is part of the types already
-    spec = P(batch_axes, *([None] * (x.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
-@partial(jax.jit, static_argnames=("graphdef", "cache_length", "mesh", "batch_axes"))
-def _prefill(
-    graphdef, params, rest, prompt_tokens_BP, prompt_mask_BP, *, cache_length, mesh, batch_axes
-):
+@partial(jax.jit, static_argnames=("graphdef", "static"))
+def _prefill(graphdef, params, rest, prompt_tokens_BP, prompt_mask_BP, *, static):
     """Write the prompts' keys/values into a fresh cache: (last-position logits [B, V], cache)."""
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, params, rest)
     B, Pn = prompt_tokens_BP.shape
-    cache = model.init_cache(B, cache_length)
-    kv_mask_BS = jnp.pad(prompt_mask_BP.astype(bool), ((0, 0), (0, cache_length - Pn)))
-    kv_mask_BS = _constrain(kv_mask_BS, mesh, batch_axes)
+    cache = model.init_cache(B, static.cache_length)
+    kv_mask_BS = jnp.pad(prompt_mask_BP.astype(bool), ((0, 0), (0, static.cache_length - Pn)))
     positions_BP = positions_from_mask(prompt_mask_BP)
-    logits_BPV, cache = model.decode(prompt_tokens_BP, positions_BP, cache, 0, kv_mask_BS)
-    return _constrain(logits_BPV[:, -1].astype(jnp.float32), mesh, batch_axes), cache
+    logits_BPV, cache = model.decode(
+        prompt_tokens_BP, positions_BP, cache, 0, static.constrain(kv_mask_BS)
+    )
+    return static.constrain(logits_BPV[:, -1, : static.vocab_size].astype(jnp.float32)), cache
 
 
-@partial(
-    jax.jit,
-    static_argnames=(
-        "graphdef",
-        "greedy",
-        "top_k",
-        "use_top_p",
-        "max_new_tokens",
-        "stop_ids",
-        "pad_token_id",
-        "mesh",
-        "batch_axes",
-    ),
-    donate_argnames=("cache",),
-)
-def _decode(
-    graphdef,
-    params,
-    rest,
-    cache,
-    logits0_BV,
-    prompt_mask_BP,
-    row_ids_B,
-    rng,
-    temperature,
-    top_p,
-    *,
-    greedy,
-    top_k,
-    use_top_p,
-    max_new_tokens,
-    stop_ids,
-    pad_token_id,
-    mesh,
-    batch_axes,
-):
-    """Sample max_new_tokens tokens (fewer steps if all rows stop) with a while_loop."""
+@partial(jax.jit, static_argnames=("graphdef", "static"), donate_argnames=("cache",))
+def _decode(graphdef, params, rest, cache, logits0_BV, prompt_mask_BP, row_ids_B, rng,
+            temperature, top_p, *, static):  # fmt: skip
+    """Sample max_new_tokens tokens (fewer steps if every row stops) in one while_loop."""
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(graphdef, params, rest)
     B, Pn = prompt_mask_BP.shape
-    T, S = max_new_tokens, Pn + max_new_tokens - 1
-    c = partial(_constrain, mesh=mesh, batch_axes=batch_axes)
-    sample = partial(
-        _sample_step,
-        temperature=temperature,
-        top_p=top_p,
-        greedy=greedy,
-        top_k=top_k,
-        use_top_p=use_top_p,
-    )
+    T, c = static.max_new_tokens, static.constrain
+    sample = partial(_sample_step, temperature=temperature, top_p=top_p, greedy=static.greedy,
+                     top_k=static.top_k, use_top_p=static.use_top_p)  # fmt: skip
     keys_B = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids_B)
+    stop_ids = jnp.asarray(static.stop_ids, jnp.int32)
+    is_stop = lambda tok_B: (tok_B[:, None] == stop_ids[None, :]).any(-1)
 
-    def batch_full(fill, dtype, *tail):  # new [B, *tail] arrays sharded like the batch
-        return c(jnp.broadcast_to(jnp.full_like(row_ids_B, fill, dtype)[:, None], (B, *tail)))
+    def batch_full(fill, dtype):  # a new [B, T] array, sharded like the batch
+        return c(jnp.broadcast_to(jnp.full_like(row_ids_B, fill, dtype)[:, None], (B, T)))
 
-    stop_ids_arr = jnp.asarray(stop_ids, jnp.int32)
-
-    def is_stop(tok_B):
-        return (tok_B[:, None] == stop_ids_arr[None, :]).any(-1)
-
-    def record(arrays, step, tok_B, logp_B, slogp_B, alive_B):
-        new = (
-            jnp.where(alive_B, tok_B, pad_token_id),
-            alive_B.astype(jnp.int32),
-            jnp.where(alive_B, logp_B, 0.0),
-            jnp.where(alive_B, slogp_B, 0.0),
-        )
-        return tuple(
-            c(jax.lax.dynamic_update_slice_in_dim(a, n[:, None], step, axis=1))
-            for a, n in zip(arrays, new, strict=True)
-        )
-
-    tok_B, logp_B, slogp_B = sample(logits0_BV, keys_B, 0)
-    alive_B = jnp.ones_like(tok_B, bool)
-    arrays = (
-        batch_full(pad_token_id, jnp.int32, T),
-        batch_full(0, jnp.int32, T),
-        batch_full(0, jnp.float32, T),
-        batch_full(0, jnp.float32, T),
-    )
-    arrays = record(arrays, 0, tok_B, logp_B, slogp_B, alive_B)
-    done_B = is_stop(tok_B)
-    kv_mask_BS = c(jnp.pad(prompt_mask_BP.astype(bool), ((0, 0), (0, S - Pn))))
-    lengths_B = prompt_mask_BP.astype(jnp.int32).sum(-1)
-
-    def cond(state):
-        step, _, _, done_B, _ = state
-        return (step < T) & ~done_B.all()
+    def record(arrays, step, sampled, alive_B):
+        fills = (static.pad_token_id, 0, 0.0, 0.0)
+        new = (*sampled[:1], alive_B.astype(jnp.int32), *sampled[1:])
+        new = [jnp.where(alive_B, n, f)[:, None] for n, f in zip(new, fills, strict=True)]
+        return tuple(c(jax.lax.dynamic_update_slice_in_dim(a, n, step, axis=1))
+                     for a, n in zip(arrays, new, strict=True))  # fmt: skip
 
     def body(state):
         step, cache, kv_mask_BS, done_B, arrays = state
@@ -384,12 +328,18 @@ def _decode(
         )
         positions_B1 = (lengths_B + step - 1)[:, None]
         logits_B1V, cache = model.decode(prev_B1, positions_B1, cache, write, kv_mask_BS)
-        tok_B, logp_B, slogp_B = sample(logits_B1V[:, 0], keys_B, step)
-        alive_B = ~done_B
-        arrays = record(arrays, step, tok_B, logp_B, slogp_B, alive_B)
-        return step + 1, cache, kv_mask_BS, done_B | is_stop(tok_B), arrays
+        sampled = sample(logits_B1V[:, 0, : static.vocab_size], keys_B, step)
+        arrays = record(arrays, step, sampled, ~done_B)
+        return step + 1, cache, kv_mask_BS, done_B | is_stop(sampled[0]), arrays
 
-    state = (jnp.int32(1), cache, kv_mask_BS, done_B, arrays)
+    sampled = sample(logits0_BV, keys_B, 0)
+    arrays = tuple(batch_full(f, d) for f, d in ((static.pad_token_id, jnp.int32), (0, jnp.int32),
+                                                 (0, jnp.float32), (0, jnp.float32)))  # fmt: skip
+    arrays = record(arrays, 0, sampled, jnp.ones_like(sampled[0], bool))
+    kv_mask_BS = c(jnp.pad(prompt_mask_BP.astype(bool), ((0, 0), (0, static.cache_length - Pn))))
+    lengths_B = prompt_mask_BP.astype(jnp.int32).sum(-1)
+    state = (jnp.int32(1), cache, kv_mask_BS, is_stop(sampled[0]), arrays)
+    cond = lambda state: (state[0] < T) & ~state[3].all()
     num_steps, cache, _, _, arrays = jax.lax.while_loop(cond, body, state)
     return (*arrays, num_steps), cache  # the cache aliases the donated input buffer
 
@@ -400,10 +350,8 @@ def _decode(
 def _as_key(rng: Any) -> jax.Array:
     if isinstance(rng, int | np.integer):
         return jax.random.key(int(rng))
-    rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
-    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        if rng.shape != ():
-            raise ValueError(f"rng must be a single PRNG key; got a key array of shape {rng.shape}")
+    rng = rng if isinstance(rng, jax.Array) else jnp.asarray(rng)
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.shape == ():
         return rng
     if rng.shape == (2,) and rng.dtype == jnp.uint32:
         return jax.random.wrap_key_data(rng)
@@ -412,12 +360,10 @@ def _as_key(rng: Any) -> jax.Array:
     )
 
 
-def _stop_ids(eos_token_id: Any, stop_token_ids: Sequence[int]) -> tuple[int, ...]:
-    eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
-    ids = tuple(sorted({int(t) for t in (*eos, *stop_token_ids)}))
-    if any(t < 0 for t in ids):
-        raise ValueError(f"eos_token_id and stop_token_ids must be >= 0; got {ids}")
-    return ids
+def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{hint}; got {value!r}")
+    return int(value)
 
 
 def generate(
@@ -434,6 +380,7 @@ def generate(
     pad_token_id: int = 0,
     prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
     prompt_mask: Any = None,
+    vocab_size: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> GenerateResult:
     """Sample up to `max_new_tokens` tokens per prompt with a compiled prefill + decode loop.
@@ -451,20 +398,20 @@ def generate(
       rng: jax.random.key (required when temperature > 0; use a fresh key per call).
       pad_token_id: fills prompt padding and the tokens after a row finished.
       prompt_buckets: allowed padded prompt lengths (one compilation per bucket).
+      vocab_size: sample only ids below it, e.g. the tokenizer's vocabulary when the embedding
+        is padded (151669 of 151936 rows); both log-probs are normalised over those ids (score
+        with `token_logprobs(..., vocab_size=)` alike). None = every logit column.
       mesh: mesh to run on; default: the mesh the params are placed on, if any. The batch is
         split over its `data`/`fsdp` axes (padded with dummy rows to a multiple), the model as
         its params are sharded.
 
-    Compiles once per (batch size, prompt bucket, max_new_tokens, greedy/top_k/top-p on-off,
-    stop ids); temperature and top_p values are traced, so changing them does not recompile.
+    Compiles once per (batch size, prompt bucket, max_new_tokens, greedy/top-k/top-p on-off,
+    stop ids, vocab_size); temperature and top_p values are traced (no recompilation).
     """
     _check_sampling_args(temperature, top_k, top_p)
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int | np.integer)
-        or (max_new_tokens < 1)
-    ):
-        raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1, "")
+    if vocab_size is not None:
+        vocab_size = _check_int("vocab_size", vocab_size, 1, " (or None for all logits)")
     greedy = temperature == 0
     if not greedy and rng is None:
         raise ValueError(
@@ -472,31 +419,28 @@ def generate(
             "call (or temperature=0 for greedy decoding)"
         )
     key = _as_key(rng) if rng is not None else jax.random.key(0)
-    stop_ids = _stop_ids(eos_token_id, stop_token_ids)
+    eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
+    stop_ids = tuple(sorted({int(t) for t in (*eos, *stop_token_ids)}))
+    if any(t < 0 for t in stop_ids):
+        raise ValueError(f"eos_token_id and stop_token_ids must be >= 0; got {stop_ids}")
     graphdef, params, rest = split_model(model)
     mesh = mesh if mesh is not None else infer_mesh(params)
     tokens_np, mask_np = pad_prompts(
         prompts, prompt_mask=prompt_mask, buckets=prompt_buckets, pad_token_id=pad_token_id
     )
     B, Pn = tokens_np.shape
-    axes = batch_axes(mesh)
     tokens, mask, row_ids = place_rows(mesh, tokens_np, mask_np, np.arange(B, dtype=np.int32))
-    settings = {"mesh": mesh, "batch_axes": axes}
-    logits0, cache = _prefill(
-        graphdef, params, rest, tokens, mask, cache_length=Pn + max_new_tokens - 1, **settings
-    )
-    (out_tokens, out_mask, logp, slogp, num_steps), _ = _decode(
-        graphdef, params, rest, cache, logits0, mask, row_ids, key,
-        jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p),
-        greedy=greedy, top_k=int(top_k), use_top_p=top_p < 1.0,
-        max_new_tokens=int(max_new_tokens), stop_ids=stop_ids, pad_token_id=int(pad_token_id),
-        **settings,
+    static = _Static(
+        cache_length=Pn + max_new_tokens - 1, vocab_size=vocab_size, mesh=mesh,
+        batch_axes=batch_axes(mesh),
     )  # fmt: skip
-    result = GenerateResult(out_tokens, out_mask, logp, slogp, tokens, mask, num_steps)
-    if tokens.shape[0] != B:
-        result = result.replace(**{
-            f: getattr(result, f)[:B]
-            for f in ("tokens", "mask", "logprobs", "sampling_logprobs", "prompt_tokens",
-                      "prompt_mask")
-        })  # fmt: skip
-    return result
+    logits0, cache = _prefill(graphdef, params, rest, tokens, mask, static=static)
+    static = dataclasses.replace(
+        static, max_new_tokens=max_new_tokens, greedy=greedy, top_k=int(top_k),
+        use_top_p=top_p < 1.0, stop_ids=stop_ids, pad_token_id=int(pad_token_id),
+    )  # fmt: skip
+    temperature = jnp.float32(1.0 if greedy else temperature)
+    (*outs, num_steps), _ = _decode(graphdef, params, rest, cache, logits0, mask, row_ids, key,
+                                    temperature, jnp.float32(top_p), static=static)  # fmt: skip
+    outs = [x[:B] for x in (*outs, tokens, mask)]  # drop the rows added for the mesh
+    return GenerateResult(*outs, num_steps=num_steps)

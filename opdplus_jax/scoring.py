@@ -99,9 +99,16 @@ def positions_from_mask(mask_BL: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask_BL.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
+@partial(jax.jit, static_argnames=("graphdef", "vocab_size"))
 def _token_logprobs(
-    graphdef, params, rest, prompt_tokens_BP, prompt_mask_BP, completion_tokens_BT, mask_BT
+    graphdef,
+    params,
+    rest,
+    prompt_tokens_BP,
+    prompt_mask_BP,
+    completion_tokens_BT,
+    mask_BT,
+    vocab_size,
 ):
     TRACE_COUNTS["token_logprobs"] += 1
     model = nnx.merge(graphdef, params, rest)
@@ -113,7 +120,7 @@ def _token_logprobs(
         tokens_BL, positions_BL=positions_from_mask(mask_BL), attention_mask_BL=mask_BL
     )
     # The logits at position i predict token i + 1: completion token t is predicted at P - 1 + t.
-    logp_BT = gather_logprobs(logits_BLV[:, P - 1 : P - 1 + T], completion_tokens_BT)
+    logp_BT = gather_logprobs(logits_BLV[:, P - 1 : P - 1 + T, :vocab_size], completion_tokens_BT)
     return jnp.where(mask_BT.astype(bool), logp_BT, 0.0)
 
 
@@ -123,6 +130,8 @@ def token_logprobs(
     prompt_mask: jax.Array,
     completion_tokens: jax.Array,
     completion_mask: jax.Array,
+    *,
+    vocab_size: int | None = None,
 ) -> jax.Array:
     """Float32 log-probs [B, T] of `completion_tokens` under `model` (0 where the mask is 0).
 
@@ -131,6 +140,9 @@ def token_logprobs(
       prompt_tokens, prompt_mask: [B, P] left-padded prompts (mask 1 = real token), P >= 1.
       completion_tokens, completion_mask: [B, T] completions right after the prompt (mask 1 up
         to and including EOS), e.g. `generate(...).tokens` and `.mask`.
+
+      vocab_size: normalise over the first vocab_size logit columns only (the tokenizer's
+        vocabulary of a padded embedding), as `generate(..., vocab_size=)` samples. None = all.
 
     The log-probs are those of the unmodified model (temperature 1, no top-k/top-p).
     """
@@ -154,5 +166,5 @@ def token_logprobs(
             f"position; got prompt {prompt_tokens.shape}, completion {completion_tokens.shape}"
         )
     placed = place_rows(infer_mesh(params), *(a.astype(jnp.int32) for a in arrays))
-    logp_BT = _token_logprobs(graphdef, params, rest, *placed)
+    logp_BT = _token_logprobs(graphdef, params, rest, *placed, vocab_size=vocab_size)
     return logp_BT[: prompt_tokens.shape[0]]

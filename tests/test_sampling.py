@@ -143,6 +143,31 @@ def test_greedy_matches_transformers_generate(family):
     np.testing.assert_allclose(np.asarray(r.logprobs), expect, atol=2e-5)
 
 
+@pytest.mark.parametrize("family", ["qwen3_tied", "llama3"])
+def test_vocab_size_restricts_sampling_and_normalisation(family):
+    """With vocab_size = the tokenizer's vocabulary (the embedding has 56 padding rows), greedy
+    equals transformers' generate on sliced logits, samples stay below it and both log-probs
+    (and scoring) are normalised over it."""
+    model, ref = fixture(family)
+    V = ref["tokenizer_vocab_size"]
+    prompts = [s["prompt"] for s in ref["samples"]]
+    g = sampling.generate(model, prompts, max_new_tokens=8, temperature=0, vocab_size=V)
+    expect = [s["tokens_tokenizer_vocab"] for s in ref["samples"]]
+    np.testing.assert_array_equal(np.asarray(g.tokens), expect)
+    r = sampling.generate(model, prompts * 4, max_new_tokens=6, rng=jax.random.key(2),
+                          vocab_size=V)  # fmt: skip
+    tokens = np.asarray(r.tokens)
+    assert tokens.max() < V
+    logp = log_softmax(full_forward_logits(model, r)[..., :V])
+    expect = np.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(r.logprobs), expect, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(r.sampling_logprobs), expect, atol=2e-5)
+    scored = scoring.token_logprobs(
+        model, r.prompt_tokens, r.prompt_mask, r.tokens, r.mask, vocab_size=V
+    )
+    np.testing.assert_allclose(np.asarray(scored), expect, atol=2e-5)
+
+
 def test_toy_greedy_matches_uncached_loop():
     """The cached decode equals greedy decoding by repeated full forwards (causal, so the
     not-yet-generated positions at the end of the fixed-length buffer do not matter)."""
@@ -395,6 +420,7 @@ def test_pad_prompts_left_pads_to_a_bucket():
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"prompts": []}, "prompts"),
         ({"eos_token_id": -1}, "eos_token_id"),
+        ({"vocab_size": 0}, "vocab_size"),
     ],
 )
 def test_bad_input_raises_a_clear_value_error(kwargs, match):

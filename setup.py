@@ -1,5 +1,7 @@
 """Package metadata for opdplus_jax (on-policy distillation estimators in JAX/Flax)."""
 
+import pathlib
+
 from setuptools import find_packages, setup
 
 # Pinned ranges: lower bounds are the versions the project is tested with, upper bounds stop a
@@ -37,12 +39,19 @@ EXTRAS = {
 setup(
     name="opdplus_jax",
     version="0.1.0",
-    description="On-policy distillation (OPD, OPD+, G-OPD/ExOPD) estimators and trainer in JAX/Flax",
-    long_description=open("README.md", encoding="utf-8").read(),
+    description="On-policy distillation (OPD, OPD+, G-OPD/ExOPD) estimators and trainer in JAX",
+    long_description=pathlib.Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.12",
     packages=find_packages(include=["opdplus_jax", "opdplus_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "opdplus-train=opdplus_jax.main:train",
+            "opdplus-eval=opdplus_jax.main:evaluate",
+            "opdplus-export=opdplus_jax.main:export",
+        ],
+    },
     license="Apache-2.0",
 )

@@ -3,6 +3,7 @@ call contract, `checkpoint_io` for loading/export, `config` for supported famili
 
 from opdplus_jax.models.checkpoint_io import from_pretrained, save_pretrained, tensor_specs
 from opdplus_jax.models.config import ModelConfig, config_from_hf, load_config
+from opdplus_jax.models.factory import qwen3_config, random_checkpoint
 from opdplus_jax.models.transformer import CausalLM, KVCache
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "config_from_hf",
     "from_pretrained",
     "load_config",
+    "qwen3_config",
+    "random_checkpoint",
     "save_pretrained",
     "tensor_specs",
 ]

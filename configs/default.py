@@ -1,0 +1,170 @@
+r"""Experiment configs: `get_config(arg)` presets (big_vision style).
+
+    opdplus-train --config=configs/default.py:cpu --workdir=runs/demo \
+        --config.estimator.divergence=jsd --config.optimizer.learning_rate=3e-4
+
+Presets:
+  cpu          the CPU-sized default: tiny student and teacher folders under `models_dir`,
+               synthetic-task prompts (see `opdplus_jax.tasks`); minutes on 2 cores.
+  qwen3_exopd  the papers' setting (Qwen3-1.7B student, Qwen3-8B teacher, lambda = 1.25,
+               OPD+ JSD, reward correction with the teacher's pre-RL base); needs accelerators.
+  multi_teacher two task-domain teachers (arithmetic, tool use) merged into one student.
+
+Every field is documented in README.md ("Config knobs"). The config is locked: a typo in an
+override is an error that suggests the nearest valid name.
+"""
+
+from ml_collections import config_dict
+
+
+def _base() -> config_dict.ConfigDict:
+    c = config_dict.ConfigDict()
+    c.seed = 0
+
+    # Models: Hugging Face checkpoint folders (config.json + *.safetensors), loaded locally.
+    c.student = config_dict.ConfigDict()
+    c.student.path = ""
+    c.student.dtype = "float32"  # activation dtype: float32 | bfloat16
+    c.student.param_dtype = "float32"  # master weights
+    c.tokenizer_path = ""  # defaults to the student folder
+
+    # Teachers by name. Each: checkpoint folder, reference model and reward scale lambda (G-OPD).
+    # reference: "student_init" (the student's initial weights), "none" (needs lambda = 1) or a
+    # checkpoint folder (e.g. the teacher's pre-RL base: "reward correction").
+    c.teachers = config_dict.ConfigDict()
+    c.teachers.default = _teacher("", reward_scale=1.0, reference="none")
+
+    # The estimator (opdplus_jax.estimators): every knob of the library.
+    c.estimator = config_dict.ConfigDict()
+    c.estimator.divergence = "reverse_kl"
+    c.estimator.divergence_params = config_dict.ConfigDict()  # e.g. {"beta": 0.5} for jsd
+    c.estimator.correction = "opd_plus"  # opd_plus | stop_grad
+    c.estimator.level = "token"  # token | sequence
+    c.estimator.discount = 0.0  # gamma in [0, 1]
+    c.estimator.log_ratio_clip = 0.0  # 0 = off
+    c.estimator.baseline = "none"  # none | loo | mean | mean_std (over the n samples per prompt)
+
+    # Rollouts (opdplus_jax.sampling).
+    c.rollout = config_dict.ConfigDict()
+    c.rollout.num_samples = 4  # n responses per prompt
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+    c.rollout.max_new_tokens = 64
+    c.rollout.max_prompt_len = 64
+
+    # Loss (opdplus_jax.losses).
+    c.loss = config_dict.ConfigDict()
+    c.loss.aggregation = "seq_mean_token_sum_norm"  # normaliser B * max_new_tokens
+    c.loss.ppo_clip = 0.0  # epsilon; 0 = off (only matters with several updates per rollout)
+    c.loss.num_minibatches = 1  # updates per rollout batch (>1: PPO-style, old log-probs fixed)
+    c.loss.tis_cap = 0.0  # truncated IS cap C between learner and sampler; 0 = off
+
+    # Optimizer (optax chain: clip -> AdamW with schedule; MultiSteps for accumulation).
+    c.optimizer = config_dict.ConfigDict()
+    c.optimizer.learning_rate = 1e-5
+    c.optimizer.schedule = "cosine"  # cosine | constant
+    c.optimizer.warmup_steps = 0
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.grad_clip = 1.0  # global norm; 0 = off
+    c.optimizer.grad_accum = 1  # rollout batches per optimizer update
+
+    # Data: local JSONL/Parquet prompt files (fields prompt, answer, optional teacher, domain).
+    c.data = config_dict.ConfigDict()
+    c.data.train_path = ""
+    c.data.eval_path = ""
+    c.data.batch_size = 8  # prompts per step (x num_samples responses)
+    c.data.system_prompt = config_dict.placeholder(str)
+
+    # Mesh (opdplus_jax.sharding): -1 takes the remaining devices.
+    c.mesh = config_dict.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+
+    # Loop.
+    c.train = config_dict.ConfigDict()
+    c.train.num_steps = 100
+    c.train.log_every = 1
+    c.train.eval_every = 25  # 0 = only at the end
+    c.train.checkpoint_every = 25
+    c.train.keep_checkpoints = 3
+    c.train.max_consecutive_skips = 5  # non-finite loss/grad steps in a row before stopping
+    c.train.export_final = True  # write an HF folder of the student at the end
+
+    # Evaluation (held-out prompts: accuracy, pass@k, student-teacher KL per token).
+    c.eval = config_dict.ConfigDict()
+    c.eval.num_prompts = 64
+    c.eval.num_samples = 1  # samples per problem (pass@k uses k <= num_samples)
+    c.eval.temperature = 0.0  # 0 = greedy
+    c.eval.max_new_tokens = 64
+    c.eval.batch_size = 32
+    return c
+
+
+def _teacher(path: str, *, reward_scale: float, reference: str) -> config_dict.ConfigDict:
+    t = config_dict.ConfigDict()
+    t.path = path
+    t.reward_scale = reward_scale
+    t.reference = reference
+    return t
+
+
+def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
+    """Returns the locked config of preset `arg` (see the module docstring)."""
+    c = _base()
+    if arg == "cpu":
+        models = "runs/models"
+        c.student.path = f"{models}/base"
+        c.tokenizer_path = f"{models}/tokenizer"
+        c.teachers.default = _teacher(f"{models}/teacher", reward_scale=1.0, reference="none")
+        c.data.train_path = "runs/data/train.jsonl"
+        c.data.eval_path = "runs/data/test.jsonl"
+        c.estimator.divergence = "jsd"
+        c.rollout.max_new_tokens = 48
+        c.rollout.max_prompt_len = 48
+        c.optimizer.learning_rate = 3e-4
+        c.optimizer.schedule = "constant"
+        c.train.num_steps = 60
+        c.train.eval_every = 20
+        c.train.checkpoint_every = 20
+        c.eval.max_new_tokens = 48
+    elif arg == "qwen3_exopd":
+        # Qwen3-1.7B student, Qwen3-8B (RL-trained) teacher; ExOPD lambda = 1.25 with reward
+        # correction (reference = the teacher's pre-RL base); OPD+ with JSD.
+        c.student.path = "/checkpoints/Qwen3-1.7B"
+        c.student.dtype = "bfloat16"
+        c.teachers.default = _teacher(
+            "/checkpoints/Qwen3-8B-RL", reward_scale=1.25, reference="/checkpoints/Qwen3-8B-Base"
+        )
+        c.estimator.divergence = "jsd"
+        c.rollout.num_samples = 8
+        c.rollout.max_new_tokens = 8192
+        c.rollout.max_prompt_len = 1024
+        c.data.batch_size = 64
+        c.data.train_path = "/data/math/train.jsonl"
+        c.data.eval_path = "/data/math/test.jsonl"
+        c.optimizer.learning_rate = 1e-6
+        c.optimizer.warmup_steps = 10
+        c.optimizer.grad_accum = 4
+        c.loss.tis_cap = 2.0
+        c.mesh.data = -1
+        c.mesh.fsdp = 8
+        c.train.num_steps = 500
+        c.eval.max_new_tokens = 8192
+        c.eval.num_samples = 8
+        c.eval.temperature = 0.6
+    elif arg == "multi_teacher":
+        c = get_config("cpu").unlock()
+        models = "runs/models"
+        del c.teachers["default"]
+        c.teachers.arithmetic = _teacher(f"{models}/teacher", reward_scale=1.0, reference="none")
+        c.teachers.tool_use = _teacher(
+            f"{models}/teacher_tools", reward_scale=1.0, reference="none"
+        )
+    else:
+        raise ValueError(f"unknown preset {arg!r}; valid: cpu, qwen3_exopd, multi_teacher")
+    c.lock()
+    return c

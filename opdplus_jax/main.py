@@ -1,0 +1,69 @@
+r"""Command line: train, evaluate or export. A thin wrapper over `opdplus_jax.trainer`.
+
+    opdplus-train  --config=configs/default.py:cpu --workdir=runs/demo [--config.a.b=v ...]
+    opdplus-eval   --config=configs/default.py:cpu --workdir=runs/demo   # latest checkpoint
+    opdplus-export --config=configs/default.py:cpu --workdir=runs/demo --out=runs/demo/hf
+
+or `python -m opdplus_jax.main {train,eval,export} --config=... --workdir=...`. Configs are
+ml-collections files with `get_config(arg)`; overrides are `--config.<field>=<value>` and a
+misspelt field is an error that names the closest valid one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from opdplus_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, export).")
+_OUT = flags.DEFINE_string("out", None, "export: output folder (default: <workdir>/export).")
+MODES = ("train", "eval", "export")
+
+
+def _run(mode: str) -> None:
+    logging.getLogger().setLevel(logging.INFO)
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/default.py:cpu")
+    workdir = _WORKDIR.value
+    if mode in ("train", "export") and not workdir:
+        raise app.UsageError(f"{mode} needs --workdir")
+    if mode == "train":
+        result = trainer.train_and_evaluate(config, workdir)
+    elif mode == "eval":
+        result = trainer.evaluate_checkpoint(config, workdir)
+    else:
+        result = {"export": trainer.export(config, workdir, _OUT.value or f"{workdir}/export")}
+    print(json.dumps(result, indent=2, sort_keys=True))
+
+
+def _main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in MODES:
+        raise app.UsageError(
+            f"usage: python -m opdplus_jax.main {{{','.join(MODES)}}} --config=..."
+        )
+    _run(argv[1])
+
+
+def _entry(mode: str):
+    def run(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        _run(mode)
+
+    return lambda: app.run(run)
+
+
+train = _entry("train")
+evaluate = _entry("eval")
+export = _entry("export")
+
+
+if __name__ == "__main__":
+    app.run(_main, argv=sys.argv)

@@ -1,0 +1,268 @@
+"""The OPD trainer end to end on tiny random models: learning, resuming, routing, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import default as default_config
+from opdplus_jax import checkpoint, metrics, models, sharding, tasks, train_step, trainer
+from opdplus_jax.tasks import tokenizer as task_tokenizer
+
+VOCAB = 112  # >= the task tokenizer's 104 ids (the rest is embedding padding)
+
+
+def _model_config(**kw):
+    base = {"vocab_size": VOCAB, "hidden_size": 32, "num_layers": 2, "num_heads": 2}
+    base.update({"num_kv_heads": 1, **kw})
+    return models.qwen3_config(bos_token_id=2, eos_token_id=3, pad_token_id=0, **base)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("opd")
+    task_tokenizer.save_tokenizer(root / "tokenizer")
+    # The teacher is the student's network with a 2x sharper output layer: a target the student
+    # can reach, so a few steps must close most of the gap. teacher2 is an unrelated network.
+    models.random_checkpoint(root / "student", _model_config(), seed=0, output_scale=10.0)
+    models.random_checkpoint(root / "teacher", _model_config(), seed=0, output_scale=20.0)
+    models.random_checkpoint(root / "teacher2", _model_config(), seed=2, output_scale=20.0)
+    task = tasks.get("reverse", max_len=4)
+    tasks.write_jsonl(task.generate("train", 64, seed=0), root / "train.jsonl")
+    tasks.write_jsonl(task.generate("test", 8, seed=0), root / "test.jsonl")
+    return root
+
+
+def _config(assets, **overrides):
+    c = default_config.get_config("cpu").unlock()
+    c.student.path = str(assets / "student")
+    c.tokenizer_path = str(assets / "tokenizer")
+    c.teachers.default.path = str(assets / "teacher")
+    c.data.train_path = str(assets / "train.jsonl")
+    c.data.eval_path = str(assets / "test.jsonl")
+    c.data.batch_size = 4
+    c.rollout.num_samples = 2
+    c.rollout.max_new_tokens = 8
+    c.rollout.max_prompt_len = 32
+    c.optimizer.learning_rate = 1e-2
+    c.optimizer.schedule = "constant"
+    c.train.num_steps = 4
+    c.train.eval_every = 0
+    c.train.checkpoint_every = 2
+    c.train.export_final = False
+    c.eval.num_prompts = 8
+    c.eval.num_samples = 2
+    c.eval.temperature = 1.0  # KL(student || teacher) needs the student's own samples
+    c.eval.max_new_tokens = 8
+    c.eval.batch_size = 16
+    for key, value in overrides.items():
+        node = c
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    c.lock()
+    return c
+
+
+def _one_device():
+    return sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
+
+
+def _train(config, workdir):
+    return trainer.train_and_evaluate(config, str(workdir), mesh=_one_device())
+
+
+def _final_params(workdir, config):
+    setup = trainer.load(config, _one_device())
+    _, params = nnx.split(setup.student, nnx.Param)
+    opt = train_step.make_optimizer(config.optimizer, config.train.num_steps)
+    mgr = checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    restored = mgr.restore_latest(params=params, opt_state=opt.init(params), rng=jax.random.key(0))
+    return restored
+
+
+def test_opd_plus_reduces_the_divergence_to_the_teacher(assets, tmp_path):
+    config = _config(assets, **{"train.num_steps": 8, "estimator.divergence": "jsd"})
+    final = _train(config, tmp_path)
+    rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 8]
+    assert final["kl_per_token"] < 0.7 * evals[0]["kl_per_token"], evals
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in train)
+    for key in ("kl_per_token", "grad_norm", "time/rollout", "time/update", "tokens_per_second"):
+        assert key in train[0], key
+
+
+def test_resume_gives_identical_parameters(assets, tmp_path):
+    full = _config(assets)
+    _train(full, tmp_path / "a")
+    half = _config(assets, **{"train.num_steps": 2})
+    _train(half, tmp_path / "b")
+    _train(full, tmp_path / "b")  # resumes at step 2
+    a, b = _final_params(tmp_path / "a", full), _final_params(tmp_path / "b", full)
+    assert a.step == b.step == 4
+    chex.assert_trees_all_equal(a.params, b.params)
+    chex.assert_trees_all_equal(a.opt_state, b.opt_state)
+    rows = metrics.read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+    # Evaluations: before training, at the end of the first (2-step) run, at the end.
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 2, 4]
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_resumes_without_loss(assets, tmp_path):
+    """Kill the training process mid-run (during or between checkpoint saves), restart it, and
+    check that it finishes with every step logged exactly once and a complete last checkpoint."""
+    workdir = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "opdplus_jax.main",
+        "train",
+        "--config=configs/default.py:cpu",
+        f"--workdir={workdir}",
+        f"--config.student.path={assets / 'student'}",
+        f"--config.tokenizer_path={assets / 'tokenizer'}",
+        f"--config.teachers.default.path={assets / 'teacher'}",
+        f"--config.data.train_path={assets / 'train.jsonl'}",
+        "--config.data.eval_path=",
+        "--config.data.batch_size=4",
+        "--config.rollout.num_samples=2",
+        "--config.rollout.max_new_tokens=8",
+        "--config.rollout.max_prompt_len=32",
+        "--config.train.num_steps=6",
+        "--config.train.checkpoint_every=1",
+        "--config.train.eval_every=0",
+        "--config.train.export_final=False",
+        "--config.mesh.fsdp=1",
+    ]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL)
+    ckpts = workdir / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.is_dir() and any(p.name.startswith("3") for p in ckpts.iterdir()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [
+        r["step"] for r in metrics.read_jsonl(workdir / "metrics.jsonl") if r["split"] == "train"
+    ]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    mgr = checkpoint.CheckpointManager(ckpts)
+    assert mgr.latest_step() == 6
+
+
+def _rollout_batch(setup, config, seed=0):
+    pipe_batch = {
+        "prompt_tokens": [[2, 5, 40 + i, 41, 3, 6] for i in range(4)],
+        "teacher": np.array([0, 1, 0, 1], np.int32),
+    }
+    batch, _ = trainer._rollout(
+        setup, config, nnx.split(setup.student, nnx.Param)[1], pipe_batch, jax.random.key(seed)
+    )
+    return jax.device_get(batch)
+
+
+@pytest.mark.parametrize("layout", [{"fsdp": 8}, {"fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 4}])
+def test_train_step_on_a_mesh_equals_one_device(assets, layout):
+    config = _config(assets)
+    one = trainer.load(config, mesh=_one_device())
+    many = trainer.load(config, mesh=sharding.make_mesh(layout))
+    batch = _rollout_batch(one, config)
+    batch["teacher"] = np.zeros_like(batch["teacher"])
+    results = []
+    for setup in (one, many):
+        opt = train_step.make_optimizer(config.optimizer, 10)
+        _, params = nnx.split(setup.student, nnx.Param)
+        state = train_step.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
+        placed = sharding.shard_batch({k: jnp.asarray(v) for k, v in batch.items()}, setup.mesh)
+        state, out = train_step.train_step(setup.step_cfg, opt, state, setup.frozen, placed)
+        results.append((jax.device_get(state.params), jax.device_get(out), state))
+    chex.assert_trees_all_close(results[0][0], results[1][0], atol=2e-5, rtol=2e-5)
+    for key in ("loss", "kl_per_token", "grad_norm"):
+        np.testing.assert_allclose(results[0][1][key], results[1][1][key], rtol=1e-4, atol=1e-6)
+    # The update really ran sharded: the updated weights are split across the devices.
+    leaves = jax.tree.leaves(results[1][2].params)
+    assert any(len({s.data.shape for s in x.addressable_shards} - {x.shape}) for x in leaves)
+
+
+def test_multi_teacher_routing_uses_each_rows_teacher(assets):
+    multi = _config(assets)
+    multi = multi.unlock()
+    multi.teachers.second = default_config._teacher(
+        str(assets / "teacher2"), reward_scale=1.0, reference="none"
+    )
+    multi.lock()
+    setup = trainer.load(multi, _one_device())
+    batch = _rollout_batch(setup, multi)
+    params = nnx.split(setup.student, nnx.Param)[1]
+    routed, _ = train_step.score_rollout(setup.step_cfg, params, setup.frozen, batch)
+    for k in range(2):  # each teacher alone, applied to the whole batch
+        path = str(assets / ("teacher" if k == 0 else "teacher2"))
+        single = trainer.load(_config(assets, **{"teachers.default.path": path}), _one_device())
+        alone, _ = train_step.score_rollout(single.step_cfg, params, single.frozen, batch)
+        rows = batch["teacher"] == k
+        np.testing.assert_allclose(routed["advantages"][rows], alone["advantages"][rows], rtol=1e-5)
+        assert not np.allclose(routed["advantages"][~rows], alone["advantages"][~rows])
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(assets, tmp_path):
+    broken = tmp_path / "nan_teacher"
+    models.random_checkpoint(broken, _model_config(), seed=1)
+    model = models.from_pretrained(broken)
+    model.embed_tokens.set_value(model.embed_tokens[...] * jnp.nan)
+    models.save_pretrained(model, broken)
+    config = _config(
+        assets, **{"teachers.default.path": str(broken), "train.max_consecutive_skips": 2}
+    )
+    with pytest.raises(trainer.NonFiniteError, match="2 consecutive steps"):
+        _train(config, tmp_path / "run")
+    rows = metrics.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["skipped"] for r in rows if r["split"] == "train"] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"student.path": "/nonexistent/model"}, FileNotFoundError, "/nonexistent/model"),
+        ({"estimator.divergence": "kl"}, ValueError, "valid names"),
+        ({"teachers.default.reward_scale": 1.25}, ValueError, "needs a reference model"),
+        ({"teachers.default.reward_scale": float("nan")}, ValueError, "finite"),
+        ({"estimator.baseline": "loo", "rollout.num_samples": 1}, ValueError, "num_samples >= 2"),
+    ],
+)
+def test_bad_config_fails_fast_with_the_fix(assets, tmp_path, overrides, error, match):
+    with pytest.raises(error, match=match):
+        _train(_config(assets, **overrides), tmp_path)
+
+
+def test_bad_data_and_vocabulary_mismatch(assets, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        _train(_config(assets, **{"data.train_path": str(empty)}), tmp_path)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "x" * 200, "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match="max_prompt_len"):
+        _train(_config(assets, **{"data.train_path": str(long)}), tmp_path)
+    small = tmp_path / "small_vocab"
+    models.random_checkpoint(small, _model_config(vocab_size=64), seed=3)
+    with pytest.raises(ValueError, match="64"):
+        _train(_config(assets, **{"teachers.default.path": str(small)}), tmp_path)

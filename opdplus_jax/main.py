@@ -23,11 +23,21 @@ from opdplus_jax import trainer
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, export).")
 _OUT = flags.DEFINE_string("out", None, "export: output folder (default: <workdir>/export).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() first (one process per host on a TPU pod or multi-GPU "
+    "cluster; coordinator and process ids come from the environment).",
+)
 MODES = ("train", "eval", "export")
 
 
 def _run(mode: str) -> None:
     logging.getLogger().setLevel(logging.INFO)
+    if _DISTRIBUTED.value:
+        import jax
+
+        jax.distributed.initialize()
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/default.py:cpu")

@@ -35,6 +35,7 @@ from opdplus_jax import (
     sampling,
     sharding,
     train_step,
+    verifiers,
 )
 from opdplus_jax.tokenizer import Tokenizer, check_compatible
 
@@ -164,6 +165,16 @@ def load(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh | None = None) 
     return Setup(mesh, tokenizer, student, step_cfg, frozen, names)
 
 
+def _rollout_rewards(setup: Setup, config, prompts_batch, result, stats) -> dict[str, float]:
+    """Verifier accuracy of the training rollouts (logged, never used in the loss)."""
+    n = config.rollout.num_samples
+    texts = setup.tokenizer.batch_decode(np.asarray(result.tokens), np.asarray(result.mask))
+    cols = {k: prompts_batch[k] for k in ("answer", "task", "domain") if k in prompts_batch}
+    rows = [{k: v[i // n] for k, v in cols.items()} for i in range(len(texts))]
+    scores, _ = verifiers.batch_verify(texts, rows, stats=stats)
+    return {"accuracy": float(np.mean(scores))}
+
+
 def _rollout(setup: Setup, config, params, prompts_batch, key) -> tuple[dict, Any]:
     """Samples n responses per prompt; returns the train batch (numpy) and the raw result."""
     n = config.rollout.num_samples
@@ -242,18 +253,20 @@ def evaluate(setup: Setup, config, params, examples, prompts, key) -> dict[str, 
         }
         return _score_teacher(cfg.teachers[0], setup.frozen.teachers[0], batch, cfg.vocab_size)
 
-    return evaluation.evaluate_policy(
-        (cfg.student, params),
-        setup.tokenizer,
-        examples,
-        prompts,
-        num_samples=config.eval.num_samples,
-        temperature=config.eval.temperature,
-        max_new_tokens=config.eval.max_new_tokens,
-        batch_size=config.eval.batch_size,
-        rng=key,
-        teacher_logprobs=teacher_logprobs,
-    )
+    with metrics.progress(len(examples), "eval", leave=False) as bar:
+        return evaluation.evaluate_policy(
+            (cfg.student, params),
+            setup.tokenizer,
+            examples,
+            prompts,
+            num_samples=config.eval.num_samples,
+            temperature=config.eval.temperature,
+            max_new_tokens=config.eval.max_new_tokens,
+            batch_size=config.eval.batch_size,
+            rng=key,
+            teacher_logprobs=teacher_logprobs,
+            progress=bar.update,
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "vocab_size"))
@@ -304,6 +317,7 @@ def train_and_evaluate(
     writer = metrics.MetricWriter(workdir)
     writer.truncate_after(start)
     timer, skips, last_eval = metrics.Timer(), 0, {}
+    verifier_stats = verifiers.VerifierStats()
     bar = metrics.progress(config.train.num_steps, "train", initial=start)
 
     def save(step, force=False):
@@ -334,13 +348,21 @@ def train_and_evaluate(
         with timer("data"):
             prompts_batch = next(pipeline)
         with timer("rollout"):
-            batch, _ = _rollout(setup, config, state.params, prompts_batch, step_key)
+            batch, result = _rollout(setup, config, state.params, prompts_batch, step_key)
             jax.block_until_ready(batch["tokens"])
+        with timer("reward"):
+            rewards = _rollout_rewards(setup, config, prompts_batch, result, verifier_stats)
         with timer("update"):
             state, step_metrics = _update(setup, config, opt, state, batch)
             step_metrics = jax.device_get(step_metrics)
         tokens = float(np.asarray(batch["mask"]).sum())
-        row = {**step_metrics, **timer.summary(), "tokens_per_second": tokens / timer.total()}
+        row = {
+            **step_metrics,
+            **rewards,
+            **verifier_stats.metrics(),
+            **timer.summary(),
+            "tokens_per_second": tokens / timer.total(),
+        }
         skips = skips + 1 if step_metrics["skipped"] else 0
         if step % config.train.log_every == 0 or skips:
             writer.write(step + 1, row)

@@ -101,7 +101,8 @@ def test_opd_plus_reduces_the_divergence_to_the_teacher(assets, tmp_path):
     train = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 9))
     assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in train)
-    for key in ("kl_per_token", "grad_norm", "time/rollout", "time/update", "tokens_per_second"):
+    keys = ("kl_per_token", "grad_norm", "accuracy", "time/rollout", "time/update")
+    for key in (*keys, "tokens_per_second", "verifier/calls"):
         assert key in train[0], key
 
 
@@ -266,3 +267,24 @@ def test_bad_data_and_vocabulary_mismatch(assets, tmp_path):
     models.random_checkpoint(small, _model_config(vocab_size=64), seed=3)
     with pytest.raises(ValueError, match="64"):
         _train(_config(assets, **{"teachers.default.path": str(small)}), tmp_path)
+
+
+def test_cli_rejects_a_misspelt_config_field_with_a_suggestion(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "opdplus_jax.main",
+            "train",
+            "--config=configs/default.py:cpu",
+            f"--workdir={tmp_path}",
+            "--config.estimator.divergnce=jsd",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "divergence" in done.stderr and "divergnce" in done.stderr, done.stderr[-2000:]

@@ -142,7 +142,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--checkpoint", help="reuse a checkpoint folder instead of a new one")
+    parser.add_argument("--cores", type=int, help="pin both sides to this many cores (default all)")
     args = parser.parse_args()
+    if args.cores:  # before JAX starts its CPU client; the torch worker inherits the affinity
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
     if not args.torch_python:
         sys.exit("pass --torch-python (or set OPDPLUS_TORCH_PYTHON) to a Python with torch")
     cores = len(os.sched_getaffinity(0))
@@ -199,7 +202,8 @@ def main() -> None:
     print(f"transformers : {new / theirs_s:9.1f} new tokens/s  ({theirs_s * 1e3:8.1f} ms/call; "
           f"torch {info['torch']}, transformers {info['transformers']}, "
           f"{info['threads']} threads)")  # fmt: skip
-    print(f"ratio        : {theirs_s / ours_s:.2f}x")
+    print(f"ratio        : {theirs_s / ours_s:.2f}x  (load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores: other processes share the machine)")  # fmt: skip
     print(f"compile time : {sum(compile_events):.2f} s (trace + lower + compile; first call "
           f"{first:.2f} s)")  # fmt: skip
     print(f"achieved     : {achieved:.1f} GFLOP/s = {achieved / peak:.1%} of the measured "

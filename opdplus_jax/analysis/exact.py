@@ -46,6 +46,7 @@ class Problem:
     student: jax.Array  # [P, V]
     teacher: jax.Array  # [P, V]
     reference: jax.Array | None = None  # [P, V]
+    behaviour: jax.Array | None = None  # [P, V] the policy that samples, for off-policy analysis
 
     @classmethod
     def random(
@@ -58,14 +59,19 @@ class Problem:
         scale: float = 1.0,
         teacher_distance: float = 1.0,
         with_reference: bool = True,
+        behaviour_distance: float | None = None,
     ) -> Problem:
-        """Random tables; the teacher is the student plus `teacher_distance` times N(0, 1) noise."""
+        """Random tables; the teacher is the student plus `teacher_distance` times N(0, 1) noise,
+        and (with `behaviour_distance`) the behaviour policy likewise."""
         space = Space(vocab_size, horizon, eos_id)
-        ks, kt, kr = jax.random.split(jax.random.key(seed), 3)
+        ks, kt, kr, kb = jax.random.split(jax.random.key(seed), 4)
         student = random_logits(ks, space, scale)
         teacher = student + random_logits(kt, space, teacher_distance)
         reference = random_logits(kr, space, scale) if with_reference else None
-        return cls(space, student, teacher, reference)
+        behaviour = None
+        if behaviour_distance is not None:
+            behaviour = student + random_logits(kb, space, behaviour_distance)
+        return cls(space, student, teacher, reference, behaviour)
 
     def with_student(self, student: jax.Array) -> Problem:
         return dataclasses.replace(self, student=student)
@@ -90,6 +96,11 @@ class Estimator:
     support: str = "full"
     top_k: int | None = None
     tail: str = "renormalize"
+    # Off-policy: sequences come from `Problem.behaviour`; each token is weighted by the
+    # truncated importance ratio min(pi / mu, tis_cap) (token-only IS; None = no truncation).
+    off_policy: bool = False
+    importance_weights: bool = True  # False: off-policy samples used as if on-policy
+    tis_cap: float | None = None
 
     def __post_init__(self):
         if self.full_vocab and (self.level != "token" or self.correction != "opd_plus"):
@@ -110,12 +121,19 @@ class Estimator:
             discount_objective=self.discount_objective,
         )
 
-    def loss(self, ls, lt, lr, mask):
+    def loss(self, ls, lt, lr, mask, behaviour_logp=None):
         """The surrogate loss of one batch [G, T] of sampled-token log-probs."""
         adv = self.advantages(ls, lt, lr, mask)
         if self.baseline is not None:
             adv = estimators.group_baseline(adv, mask, self.batch_size, kind=self.baseline)
-        return losses.pg_loss(ls, adv, mask, aggregation=self.aggregation)
+        return losses.pg_loss(
+            ls,
+            adv,
+            mask,
+            aggregation=self.aggregation,
+            behaviour_logp=behaviour_logp,
+            tis_cap=self.tis_cap,
+        )
 
 
 class Moments(NamedTuple):
@@ -162,18 +180,30 @@ def _full_vocab_loss(problem: Problem, estimator: Estimator, theta, idx, mask):
     )
 
 
+def _sampler(problem: Problem, estimator: Estimator) -> jax.Array:
+    """Logits of the policy the estimator's sequences are drawn from."""
+    if not estimator.off_policy:
+        return problem.student
+    if problem.behaviour is None:
+        raise ValueError("off_policy estimators need Problem.behaviour (behaviour_distance=...)")
+    return problem.behaviour
+
+
 def per_batch_gradients(problem: Problem, estimator: Estimator, batches: np.ndarray) -> jax.Array:
     """The estimator's draw grad loss(batch) for each batch of sequence rows [M, G] -> [M, P, V]."""
     space = problem.space
     lt, lr = _teacher_tokens(problem)
     mask = jnp.asarray(space.mask, lt.dtype)
+    weighted = estimator.off_policy and estimator.importance_weights
+    lb = token_logprobs(space, _sampler(problem, estimator)) if weighted else None
 
     def grad_one(idx):
         def loss(theta):
             if estimator.full_vocab:
                 return _full_vocab_loss(problem, estimator, theta, idx, mask[idx])
             ls = token_logprobs(space, theta)[idx]
-            return estimator.loss(ls, lt[idx], lr[idx], mask[idx])
+            behaviour = None if lb is None else lb[idx]
+            return estimator.loss(ls, lt[idx], lr[idx], mask[idx], behaviour)
 
         return jax.grad(loss)(problem.student)
 
@@ -187,7 +217,7 @@ def moments(problem: Problem, estimator: Estimator) -> Moments:
     if n**g > 100_000:
         raise ValueError(f"{n}^{g} batches to enumerate; use a smaller space or batch_size")
     batches = np.array(list(itertools.product(range(n), repeat=g)), dtype=np.int32)
-    logp = sequence_logprobs(problem.space, problem.student)
+    logp = sequence_logprobs(problem.space, _sampler(problem, estimator))
     weights = jnp.exp(logp[batches].sum(-1))
     grads = per_batch_gradients(problem, estimator, batches)
     mean = jnp.tensordot(weights, grads, axes=1)

@@ -26,8 +26,12 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "data": ["pyarrow>=15,<28"],
+    "tensorboard": ["tensorboardX>=2.6,<3"],
+    "notebooks": ["jupytext>=1.16,<2", "matplotlib>=3.8,<4", "jupyterlab>=4,<5"],
     "test": [
         "pyarrow>=15,<28",
+        "matplotlib>=3.8,<4",
+        "jupytext>=1.16,<2",
         "pytest>=8.3,<10",
         "pytest-xdist>=3.6,<4",
         "hypothesis>=6.100,<7",

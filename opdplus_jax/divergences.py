@@ -258,7 +258,8 @@ class Hellinger(Divergence):
     formula: ClassVar[str] = "sum (sqrt(pi) - sqrt(q))^2"
 
     def _f(self, x):
-        return jnp.square(_expm1(0.5 * x))
+        # Squared: cap the exponent at half the maximum so the square saturates, not overflows.
+        return jnp.square(_expm1(jnp.minimum(0.5 * x, 0.5 * max_exponent(x.dtype))))
 
     def _opd_plus(self, x):
         return _expm1(0.5 * x)

@@ -6,11 +6,11 @@ PY := .venv/bin/python
 setup:
 	@bash scripts/setup.sh
 
-test: setup
-	$(PY) -m pytest -q
+test: setup  ## two workers; tests of one file share a worker (module fixtures)
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-all: setup  ## includes the slow marker (long Monte Carlo and exact sweeps)
-	$(PY) -m pytest -q -m ""
+	$(PY) -m pytest -q -n 2 --dist loadfile -m ""
 
 lint: setup
 	$(PY) -m ruff format --check .

@@ -181,7 +181,14 @@ def _rollout_batch(setup, config, seed=0):
     return jax.device_get(batch)
 
 
-@pytest.mark.parametrize("layout", [{"fsdp": 8}, {"fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 4}])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"fsdp": 8},
+        {"fsdp": 4, "tensor": 2},
+        pytest.param({"data": 2, "fsdp": 4}, marks=pytest.mark.slow),
+    ],
+)
 def test_train_step_on_a_mesh_equals_one_device(assets, layout):
     config = _config(assets)
     one = trainer.load(config, mesh=_one_device())

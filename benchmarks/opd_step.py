@@ -241,11 +241,16 @@ def main() -> None:
         config.teachers.default.path = paths["teacher"]
         config.estimator.divergence = "reverse_kl"
         config.estimator.correction = "stop_grad"  # the standard OPD advantage log q - log pi
+        config.estimator.level, config.estimator.discount = "token", 0.0
+        config.estimator.baseline = "none"
+        config.loss.num_minibatches, config.loss.tis_cap = 1, 0.0  # one fused on-policy update
         config.rollout.num_samples = 1
         config.rollout.max_new_tokens = args.new_tokens
         config.rollout.max_prompt_len = args.prompt_len
         config.data.batch_size = args.batch
         config.optimizer.learning_rate = args.lr
+        config.optimizer.schedule, config.optimizer.warmup_steps = "constant", 0
+        config.optimizer.grad_accum = 1
         config.optimizer.weight_decay = 0.0
         config.optimizer.grad_clip = 1.0
         mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])

@@ -4,8 +4,11 @@ r"""Experiment configs: `get_config(arg)` presets (big_vision style).
         --config.estimator.divergence=jsd --config.optimizer.learning_rate=3e-4
 
 Presets:
-  cpu          the CPU-sized default: tiny student and teacher folders under `models_dir`,
-               synthetic-task prompts (see `opdplus_jax.tasks`); minutes on 2 cores.
+  cpu          the CPU-sized default (`python -m opdplus_jax.demo` builds its models and data
+               under runs/demo): tiny same-size student and teacher, synthetic-task prompts
+               (see `opdplus_jax.tasks`); minutes on 2 cores.
+  strong_to_weak  as cpu, with a smaller student (`runs/demo/models/small_base`) distilled
+               from the same teacher.
   qwen3_exopd  the papers' setting (Qwen3-1.7B student, Qwen3-8B teacher, lambda = 1.25,
                OPD+ JSD, reward correction with the teacher's pre-RL base); needs accelerators.
   multi_teacher two task-domain teachers (arithmetic, tool use) merged into one student.
@@ -116,21 +119,35 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
     """Returns the locked config of preset `arg` (see the module docstring)."""
     c = _base()
     if arg == "cpu":
-        models = "runs/models"
+        # The demo's distillation (`python -m opdplus_jax.demo` builds these folders): 2-digit
+        # addition; the student starts from a base SFT-trained on sloppy solutions, the teacher
+        # is the same network with more SFT on clean ones; OPD+ with JSD, 64 prompts x 4 samples
+        # per step, greedy held-out accuracy on 200 problems every 10 steps.
+        models = "runs/demo/models"
         c.student.path = f"{models}/base"
         c.tokenizer_path = f"{models}/tokenizer"
         c.teachers.default = _teacher(f"{models}/teacher", reward_scale=1.0, reference="none")
-        c.data.train_path = "runs/data/train.jsonl"
-        c.data.eval_path = "runs/data/test.jsonl"
+        c.data.train_path = "runs/demo/data/train.jsonl"
+        c.data.eval_path = "runs/demo/data/test.jsonl"
+        c.data.batch_size = 64
+        c.rollout.num_samples = 4
         c.estimator.divergence = "jsd"
-        c.rollout.max_new_tokens = 48
-        c.rollout.max_prompt_len = 48
-        c.optimizer.learning_rate = 3e-4
+        c.rollout.max_new_tokens = 32
+        c.rollout.max_prompt_len = 32
+        c.optimizer.learning_rate = 5e-4
+        c.optimizer.warmup_steps = 5
         c.optimizer.schedule = "constant"
         c.train.num_steps = 60
-        c.train.eval_every = 20
-        c.train.checkpoint_every = 20
-        c.eval.max_new_tokens = 48
+        c.train.eval_every = 10
+        c.train.checkpoint_every = 30
+        c.eval.num_prompts = 200
+        c.eval.batch_size = 200
+        c.eval.max_new_tokens = 32
+    elif arg == "strong_to_weak":
+        # The cpu setting with a smaller student (the demo's `small_base`: a narrower network
+        # SFT-trained on the same sloppy solutions) distilled from the same teacher.
+        c = get_config("cpu").unlock()
+        c.student.path = "runs/demo/models/small_base"
     elif arg == "qwen3_exopd":
         # Qwen3-1.7B student, Qwen3-8B (RL-trained) teacher; ExOPD lambda = 1.25 with reward
         # correction (reference = the teacher's pre-RL base); OPD+ with JSD.
@@ -165,6 +182,8 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
             f"{models}/teacher_tools", reward_scale=1.0, reference="none"
         )
     else:
-        raise ValueError(f"unknown preset {arg!r}; valid: cpu, qwen3_exopd, multi_teacher")
+        raise ValueError(
+            f"unknown preset {arg!r}; valid: cpu, strong_to_weak, qwen3_exopd, multi_teacher"
+        )
     c.lock()
     return c

@@ -1,0 +1,242 @@
+"""The demo's driver: `run` (every stage, then distil and report) and the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+from ml_collections import config_dict
+
+from opdplus_jax import metrics, models, trainer
+from opdplus_jax.demo.report import evaluate_model, format_table, write_plots
+from opdplus_jax.demo.stages import (
+    MODEL_NAMES,
+    ModelStage,
+    Settings,
+    build_data,
+    build_model,
+)
+from opdplus_jax.tokenizer import Tokenizer
+
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "export")
+PRESETS = ("cpu", "strong_to_weak")
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------ configs
+
+
+def preset_config(preset: str) -> config_dict.ConfigDict:
+    """`get_config(preset)` of the repository's configs/default.py (found next to the package)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(root, "configs", "default.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: the demo needs the repository's configs/default.py")
+    spec = importlib.util.spec_from_file_location("opdplus_demo_configs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+def distill_config(
+    preset: str, cache_dir: str, overrides: dict[str, Any] | None = None
+) -> config_dict.ConfigDict:
+    """The preset's config with every path pointed into `cache_dir`, plus dotted overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown demo preset {preset!r}; valid: {', '.join(PRESETS)}")
+    c = preset_config(preset).unlock()
+    m = os.path.join(cache_dir, "models")
+    c.student.path = os.path.join(m, "small_base" if preset == "strong_to_weak" else "base")
+    c.tokenizer_path = os.path.join(m, "tokenizer")
+    c.teachers.default.path = os.path.join(m, "teacher")
+    c.data.train_path = os.path.join(cache_dir, "data", "train.jsonl")
+    c.data.eval_path = os.path.join(cache_dir, "data", "test.jsonl")
+    c.train.export_final = True
+    for dotted, value in (overrides or {}).items():
+        node = c
+        *path, leaf = dotted.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    c.lock()
+    return c
+
+
+# ---------------------------------------------------------------------------------------- run
+
+
+def run(
+    workdir: str,
+    *,
+    preset: str = "cpu",
+    cache_dir: str | None = None,
+    settings: Settings | None = None,
+    overrides: dict[str, Any] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, Any]:
+    """Runs every stage (see the module docstring); returns the summary written to summary.json.
+
+    `overrides`: dotted config fields, e.g. {"train.num_steps": 20}. `mesh`: the distillation's
+    mesh (default: `config.mesh` over all devices)."""
+    t0 = time.perf_counter()
+    cache_dir = cache_dir or workdir
+    os.makedirs(workdir, exist_ok=True)
+    config = distill_config(preset, cache_dir, overrides)
+    s = settings or Settings()
+    seconds, built, cached = {}, {}, []
+
+    def timed(name, fn, *args):
+        start = time.perf_counter()
+        info = fn(*args)
+        seconds[name] = time.perf_counter() - start
+        built[name] = info["seconds"]
+        if info["cached"]:
+            cached.append(name)
+        return info
+
+    info = timed("data", build_data, cache_dir, s)
+    ex = info["example"]
+    _log(f"[data] 2-digit addition, e.g. {ex['prompt']!r}")
+    _log(f"         clean: {ex['clean']!r}\n        sloppy: {info['sloppy']!r}")
+    stages = [
+        ModelStage("base", "base_sft.jsonl", s.base_steps),
+        ModelStage("teacher", "train.jsonl", s.teacher_steps, init="base", seed_offset=1),
+    ]
+    if preset == "strong_to_weak":
+        stages.append(ModelStage("small_base", "base_sft.jsonl", s.small_base_steps, small=True,
+                                 seed_offset=2))  # fmt: skip
+    keys, results = {"data": info["key"]}, {}
+    for st in stages:
+        parent = keys[st.init or "data"]
+        results[st.name] = timed(st.name, build_model, st, cache_dir, s, config, parent)
+        keys[st.name] = results[st.name]["key"]
+
+    student_name = "small_base" if preset == "strong_to_weak" else "base"
+    _log(
+        f"[distill] preset {preset}: student {student_name}, {config.train.num_steps} OPD steps "
+        f"({config.estimator.correction}, {config.estimator.divergence}) -> {workdir}"
+    )
+    for name in RUN_OUTPUTS:  # the distillation is re-run from scratch every time
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.isfile(path):
+            os.remove(path)
+    start = time.perf_counter()
+    final = trainer.train_and_evaluate(config, workdir, mesh=mesh)
+    seconds["distill"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    tok = Tokenizer.from_pretrained(config.tokenizer_path)
+    teacher = models.from_pretrained(config.teachers.default.path)
+    base_eval = evaluate_model(models.from_pretrained(config.student.path), tok, config, teacher)
+    student = models.from_pretrained(os.path.join(workdir, "export"))
+    student_eval = evaluate_model(student, tok, config, teacher)
+    summary = {
+        "preset": preset,
+        "num_eval_problems": student_eval["num_problems"],
+        "accuracy": {
+            "base": base_eval["accuracy"],
+            "teacher": results["teacher"]["eval"]["accuracy"],
+            "student": student_eval["accuracy"],
+        },
+        "kl_per_token": {
+            "base": base_eval["kl_per_token"],
+            "student": student_eval["kl_per_token"],
+        },
+        "eval_curve": [
+            [r["step"], r["accuracy"]] for r in metrics.read_jsonl(workdir, split="eval")
+        ],
+        "trainer_final_eval": final,
+        "seconds": seconds,
+        "built_seconds": built,
+        "cached": cached,
+        "settings": dataclasses.asdict(s),
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    paths = write_plots(workdir, summary["accuracy"]["base"], summary["accuracy"]["teacher"])
+    seconds["report"] = time.perf_counter() - start
+    seconds["total"] = time.perf_counter() - t0
+    summary["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    summary["artefacts"] = [os.path.join(workdir, p) for p in ("summary.json", "export")] + paths
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    _log("\n" + format_table(summary) + "\n")
+    _log("wrote " + ", ".join(summary["artefacts"]))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _short_eval_lines(record: logging.LogRecord) -> bool:
+    """Keeps the trainer's eval lines to step, greedy accuracy and response length."""
+    message = record.getMessage()
+    if message.startswith("eval step"):
+        keep = ("eval step", "accuracy", "response_length")
+        record.msg = " | ".join(p for p in message.split(" | ") if p.startswith(keep))
+        record.args = None
+    return True
+
+
+def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command-line flags -> keyword arguments of `run` (plus `fresh`)."""
+    p = argparse.ArgumentParser(
+        description="The embedded default: on-policy distillation end to end on a CPU."
+    )
+    p.add_argument("--workdir", default="runs/demo", help="run directory (and default cache)")
+    p.add_argument("--cache_dir", default=None, help="models/data cache (default: workdir)")
+    p.add_argument("--preset", default="cpu", choices=PRESETS)
+    p.add_argument("--fresh", action="store_true", help="rebuild the cached data and models")
+    kinds = {"int": int, "float": float}
+    fields = [f for f in dataclasses.fields(Settings) if f.type in kinds]
+    for f in fields:
+        p.add_argument(f"--{f.name}", type=kinds[f.type], default=f.default, help=f"{f.default}")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="config override, e.g. --set train.num_steps=40 --set estimator.divergence=tv",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except ValueError:
+            overrides[key] = value  # a bare string, e.g. estimator.divergence=tv
+    return {
+        "workdir": args.workdir,
+        "preset": args.preset,
+        "cache_dir": args.cache_dir or args.workdir,
+        "settings": Settings(**{f.name: getattr(args, f.name) for f in fields}),
+        "overrides": overrides,
+        "fresh": args.fresh,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    kwargs = parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    handler.addFilter(_short_eval_lines)
+    log = logging.getLogger("opdplus_jax.trainer")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if kwargs.pop("fresh"):
+        for sub in ("data", *(os.path.join("models", m) for m in MODEL_NAMES)):
+            shutil.rmtree(os.path.join(kwargs["cache_dir"], sub), ignore_errors=True)
+    return run(**kwargs)

@@ -1,0 +1,137 @@
+"""The demo pipeline end to end with tiny settings: artefacts, summary, caching, presets, CLI."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from opdplus_jax import demo, metrics, models, sharding
+
+TINY = demo.Settings(
+    num_train=48,
+    num_test=6,
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    small_hidden_size=32,  # the base's shape: shares its compilations (the test's time)
+    small_num_layers=1,
+    sft_batch_size=8,
+    base_steps=2,
+    teacher_steps=3,
+    small_base_steps=2,
+)
+OVERRIDES = {
+    "train.num_steps": 2,
+    "train.eval_every": 1,
+    "train.checkpoint_every": 2,
+    "data.batch_size": 2,
+    "rollout.num_samples": 2,
+    "rollout.max_new_tokens": 8,
+    "eval.num_prompts": 6,
+    "eval.batch_size": 8,
+    "eval.max_new_tokens": 8,
+}
+
+
+def _mesh():
+    return sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("demo") / "run")
+    summary = demo.run(workdir, settings=TINY, overrides=OVERRIDES, mesh=_mesh())
+    return workdir, summary
+
+
+def test_writes_every_artefact(first_run):
+    workdir, summary = first_run
+    for name in ("summary.json", "metrics.jsonl", "accuracy_vs_step.png", "divergence_vs_step.png"):
+        assert os.path.isfile(os.path.join(workdir, name)), name
+    for name in ("tokenizer", "base", "teacher"):
+        assert os.path.isfile(os.path.join(workdir, "models", name, "tokenizer.json")), name
+    for name in ("train.jsonl", "test.jsonl", "base_sft.jsonl"):
+        assert os.path.isfile(os.path.join(workdir, "data", name))
+    export = models.from_pretrained(os.path.join(workdir, "export"))
+    assert export.config.hidden_size == TINY.hidden_size
+    evals = metrics.read_jsonl(workdir, split="eval")
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    assert summary["eval_curve"] == [[r["step"], r["accuracy"]] for r in evals]
+
+
+def test_summary_has_the_three_accuracies_and_kl(first_run):
+    workdir, summary = first_run
+    with open(os.path.join(workdir, "summary.json")) as f:
+        saved = json.load(f)
+    assert saved["accuracy"] == summary["accuracy"]
+    assert set(saved["accuracy"]) == {"base", "teacher", "student"}
+    assert all(0.0 <= v <= 1.0 for v in saved["accuracy"].values())
+    assert set(saved["kl_per_token"]) == {"base", "student"}
+    assert all(np.isfinite(v) for v in saved["kl_per_token"].values())
+    assert saved["preset"] == "cpu" and saved["num_eval_problems"] == 6
+    assert saved["cached"] == []
+    for stage in ("data", "base", "teacher", "distill", "report", "total"):
+        assert saved["seconds"][stage] >= 0
+    assert saved["config"]["student"]["path"] == os.path.join(workdir, "models", "base")
+
+
+def test_second_run_reuses_the_cache_and_strong_to_weak(first_run, tmp_path):
+    cache, _ = first_run
+    teacher = os.path.join(cache, "models", "teacher", "model.safetensors")
+    mtime = os.path.getmtime(teacher)
+    workdir = str(tmp_path / "s2w")
+    summary = demo.run(
+        workdir, preset="strong_to_weak", cache_dir=cache, settings=TINY, overrides=OVERRIDES,
+        mesh=_mesh(),
+    )  # fmt: skip
+    assert summary["cached"] == ["data", "base", "teacher"]
+    assert os.path.getmtime(teacher) == mtime
+    small = models.from_pretrained(os.path.join(workdir, "export"))
+    assert small.config.hidden_size == TINY.small_hidden_size
+    assert summary["config"]["student"]["path"] == os.path.join(cache, "models", "small_base")
+    assert os.path.isfile(os.path.join(workdir, "summary.json"))
+
+
+def test_changed_settings_rebuild_only_what_depends_on_them(first_run):
+    cache, _ = first_run
+    data_info = demo.build_data(cache, TINY)
+    assert data_info["cached"]
+    config = demo.distill_config("cpu", cache, OVERRIDES)
+    base = demo.ModelStage("base", "base_sft.jsonl", TINY.base_steps)
+    assert demo.build_model(base, cache, TINY, config, data_info["key"])["cached"]
+    other = demo.ModelStage("base_longer", "base_sft.jsonl", TINY.base_steps + 1)
+    rebuilt = demo.build_model(other, cache, TINY, config, data_info["key"])
+    assert not rebuilt["cached"] and rebuilt["key"]["stage"]["steps"] == TINY.base_steps + 1
+    changed = dataclasses.replace(TINY, sloppy_fraction=0.5)
+    assert not demo.build_data(cache + "_other", changed)["cached"]
+
+
+def test_sloppy_solutions_forget_every_carry():
+    solution, answer = demo.forgetful_solution(78, 54)
+    assert solution == "8+4+0=12\n7+5+0=12\n#### 22" and answer == "22"
+    assert demo.forgetful_solution(5, 95) == ("5+5+0=10\n0+9+0=9\n#### 90", "90")
+    assert demo.forgetful_solution(50, 50)[1] == "0"
+
+
+def test_cli_flags():
+    kw = demo.parse_args(
+        ["--workdir", "w", "--preset", "strong_to_weak", "--base_steps", "7",
+         "--set", "train.num_steps=5", "--set", "estimator.divergence=tv",
+         "--set", "optimizer.learning_rate=1e-3"]
+    )  # fmt: skip
+    assert kw["cache_dir"] == "w" and kw["preset"] == "strong_to_weak" and not kw["fresh"]
+    assert kw["settings"].base_steps == 7
+    assert kw["overrides"] == {
+        "train.num_steps": 5,
+        "estimator.divergence": "tv",
+        "optimizer.learning_rate": 1e-3,
+    }
+    config = demo.distill_config("cpu", "cache", kw["overrides"])
+    assert config.train.num_steps == 5 and config.estimator.divergence == "tv"
+    assert config.teachers.default.path == os.path.join("cache", "models", "teacher")
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--set", "no_equals_sign"])

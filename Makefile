@@ -1,7 +1,7 @@
 # Common developer commands. Every target sets up .venv first (cheap when already done).
 PY := .venv/bin/python
 
-.PHONY: setup test test-all lint format demo bench clean
+.PHONY: setup test test-all lint format demo report bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -20,7 +20,10 @@ format: setup
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-demo: setup
+demo: setup  ## the embedded default: SFT base/teacher (cached), OPD+ distillation, report
+	$(PY) -m opdplus_jax.demo --workdir runs/demo
+
+report: setup  ## exact bias of every estimator on a tabular policy
 	$(PY) -m opdplus_jax.analysis.report
 
 bench: setup

@@ -122,7 +122,7 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
         # The demo's distillation (`python -m opdplus_jax.demo` builds these folders): 2-digit
         # addition; the student starts from a base SFT-trained on sloppy solutions, the teacher
         # is the same network with more SFT on clean ones; OPD+ with JSD, 64 prompts x 4 samples
-        # per step, greedy held-out accuracy on 200 problems every 10 steps.
+        # per step for 80 steps, greedy held-out accuracy on 200 problems every 10 steps.
         models = "runs/demo/models"
         c.student.path = f"{models}/base"
         c.tokenizer_path = f"{models}/tokenizer"
@@ -134,12 +134,12 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
         c.estimator.divergence = "jsd"
         c.rollout.max_new_tokens = 32
         c.rollout.max_prompt_len = 32
-        c.optimizer.learning_rate = 5e-4
+        c.optimizer.learning_rate = 1e-3
         c.optimizer.warmup_steps = 5
         c.optimizer.schedule = "constant"
-        c.train.num_steps = 60
+        c.train.num_steps = 80
         c.train.eval_every = 10
-        c.train.checkpoint_every = 30
+        c.train.checkpoint_every = 40
         c.eval.num_prompts = 200
         c.eval.batch_size = 200
         c.eval.max_new_tokens = 32

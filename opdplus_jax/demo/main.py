@@ -165,7 +165,8 @@ def run(
         "settings": dataclasses.asdict(s),
         "config": json.loads(config.to_json_best_effort()),
     }
-    paths = write_plots(workdir, summary["accuracy"]["base"], summary["accuracy"]["teacher"])
+    label = f"{config.estimator.correction}, {config.estimator.divergence}"
+    paths = write_plots(workdir, summary["accuracy"]["base"], summary["accuracy"]["teacher"], label)
     seconds["report"] = time.perf_counter() - start
     seconds["total"] = time.perf_counter() - t0
     summary["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -229,6 +230,9 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     kwargs = parse_args(argv)
+    # transformers is used for tokenizers and configs only: its "PyTorch was not found" notice
+    # is noise here.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("  %(message)s"))
     handler.addFilter(_short_eval_lines)

@@ -60,8 +60,9 @@ def _score(graphdef, params, result, vocab_size):
     return _score_jit(graphdef, params, batch, vocab_size)
 
 
-def write_plots(workdir: str, base_acc: float, teacher_acc: float) -> list[str]:
-    """accuracy_vs_step.png and divergence_vs_step.png from `workdir/metrics.jsonl`."""
+def write_plots(workdir: str, base_acc: float, teacher_acc: float, label: str = "") -> list[str]:
+    """accuracy_vs_step.png and divergence_vs_step.png from `workdir/metrics.jsonl`; `label`
+    (e.g. "opd_plus, jsd") goes into the titles."""
     try:
         import matplotlib
 
@@ -77,7 +78,9 @@ def write_plots(workdir: str, base_acc: float, teacher_acc: float) -> list[str]:
     ax.axhline(teacher_acc, color="tab:green", ls="--", label="teacher")
     ax.axhline(base_acc, color="tab:red", ls=":", label="base (student at step 0)")
     ax.set(xlabel="OPD step", ylabel="held-out accuracy (greedy)", ylim=(-0.02, 1.02))
-    ax.set_title("On-policy distillation (OPD+, JSD): accuracy")
+    ax.set_title(
+        f"On-policy distillation ({label}): accuracy" if label else "On-policy distillation"
+    )
     ax.legend(loc="lower right")
     paths = [os.path.join(workdir, "accuracy_vs_step.png")]
     fig.tight_layout()

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -135,3 +136,16 @@ def test_cli_flags():
     assert config.teachers.default.path == os.path.join("cache", "models", "teacher")
     with pytest.raises(SystemExit):
         demo.parse_args(["--set", "no_equals_sign"])
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--set", "train.num_stepz=5"])
+
+
+def test_overrides_never_add_fields():
+    with pytest.raises(ValueError, match='Did you mean "num_steps"'):
+        demo.distill_config("cpu", "cache", {"train.num_stepz": 5})
+    with pytest.raises(ValueError, match='Did you mean "train"'):
+        demo.distill_config("cpu", "cache", {"trian.num_steps": 5})
+    with pytest.raises(ValueError, match=re.escape("train.num_steps='abc'")):
+        demo.distill_config("cpu", "cache", {"train.num_steps": "abc"})
+    with pytest.raises(ValueError, match="unknown demo preset"):
+        demo.distill_config("gpu", "cache")

@@ -26,7 +26,15 @@ on the same sloppy solutions first). Once the models exist, the distillation alo
 `opdplus-train --config=configs/default.py:cpu --workdir=runs/opd`.
 """
 
-from opdplus_jax.demo.main import PRESETS, distill_config, main, parse_args, preset_config, run
+from opdplus_jax.demo.main import (
+    PRESETS,
+    apply_overrides,
+    distill_config,
+    main,
+    parse_args,
+    preset_config,
+    run,
+)
 from opdplus_jax.demo.report import evaluate_model, format_table, write_plots
 from opdplus_jax.demo.stages import (
     MODEL_NAMES,
@@ -43,6 +51,7 @@ __all__ = [
     "PRESETS",
     "ModelStage",
     "Settings",
+    "apply_overrides",
     "build_data",
     "build_model",
     "distill_config",

@@ -63,14 +63,28 @@ def distill_config(
     c.data.train_path = os.path.join(cache_dir, "data", "train.jsonl")
     c.data.eval_path = os.path.join(cache_dir, "data", "test.jsonl")
     c.train.export_final = True
-    for dotted, value in (overrides or {}).items():
-        node = c
-        *path, leaf = dotted.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
     c.lock()
+    apply_overrides(c, overrides or {})
     return c
+
+
+def apply_overrides(config: config_dict.ConfigDict, overrides: dict[str, Any]) -> None:
+    """Sets dotted fields (`{"train.num_steps": 20}`) of a locked config in place.
+
+    A misspelt field or a value of the wrong type is a ValueError naming the field (and the
+    closest valid name): the config is locked, so nothing new is created."""
+    if not config.is_locked:
+        raise ValueError("apply_overrides expects a locked config (call config.lock() first)")
+    for dotted, value in overrides.items():
+        node = config
+        *path, leaf = dotted.split(".")
+        try:
+            for p in path:
+                node = node[p]
+            node[leaf] = value
+        except (KeyError, TypeError) as e:
+            message = e.args[0] if e.args else e
+            raise ValueError(f"config override {dotted}={value!r}: {message}") from None
 
 
 # ---------------------------------------------------------------------------------------- run
@@ -194,7 +208,8 @@ def _short_eval_lines(record: logging.LogRecord) -> bool:
 def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line flags -> keyword arguments of `run` (plus `fresh`)."""
     p = argparse.ArgumentParser(
-        description="The embedded default: on-policy distillation end to end on a CPU."
+        prog="python -m opdplus_jax.demo",
+        description="The embedded default: on-policy distillation end to end on a CPU.",
     )
     p.add_argument("--workdir", default="runs/demo", help="run directory (and default cache)")
     p.add_argument("--cache_dir", default=None, help="models/data cache (default: workdir)")
@@ -218,6 +233,10 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
             overrides[key] = json.loads(value)
         except ValueError:
             overrides[key] = value  # a bare string, e.g. estimator.divergence=tv
+    try:  # a misspelt or mistyped field fails here, before any work
+        distill_config(args.preset, args.cache_dir or args.workdir, overrides)
+    except ValueError as e:
+        p.error(str(e))
     return {
         "workdir": args.workdir,
         "preset": args.preset,

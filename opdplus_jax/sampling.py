@@ -289,10 +289,11 @@ def _prefill(graphdef, params, rest, prompt_tokens_BP, prompt_mask_BP, *, static
     cache = model.init_cache(B, static.cache_length)
     kv_mask_BS = jnp.pad(prompt_mask_BP.astype(bool), ((0, 0), (0, static.cache_length - Pn)))
     positions_BP = positions_from_mask(prompt_mask_BP)
-    logits_BPV, cache = model.decode(
+    x_BPD, cache = model.decode_hidden(
         prompt_tokens_BP, positions_BP, cache, 0, static.constrain(kv_mask_BS)
     )
-    return static.constrain(logits_BPV[:, -1, : static.vocab_size].astype(jnp.float32)), cache
+    logits_B1V = model.logits(x_BPD[:, -1:])  # the output layer at the last position only
+    return static.constrain(logits_B1V[:, 0, : static.vocab_size].astype(jnp.float32)), cache
 
 
 @partial(jax.jit, static_argnames=("graphdef", "static"), donate_argnames=("cache",))
@@ -327,8 +328,8 @@ def _decode(graphdef, params, rest, cache, logits0_BV, prompt_mask_BP, row_ids_B
             kv_mask_BS, jnp.ones_like(prev_B1, bool), write, axis=1
         )
         positions_B1 = (lengths_B + step - 1)[:, None]
-        logits_B1V, cache = model.decode(prev_B1, positions_B1, cache, write, kv_mask_BS)
-        sampled = sample(logits_B1V[:, 0, : static.vocab_size], keys_B, step)
+        x_B1D, cache = model.decode_hidden(prev_B1, positions_B1, cache, write, kv_mask_BS)
+        sampled = sample(model.logits(x_B1D)[:, 0, : static.vocab_size], keys_B, step)
         arrays = record(arrays, step, sampled, ~done_B)
         return step + 1, cache, kv_mask_BS, done_B | is_stop(sampled[0]), arrays
 
@@ -386,8 +387,9 @@ def generate(
     """Sample up to `max_new_tokens` tokens per prompt with a compiled prefill + decode loop.
 
     Args:
-      model: NNX causal LM with the `init_cache`/`decode` interface of `opdplus_jax.models`, or
-        its (graphdef, params[, rest]) split (so a trainer can pass updated params).
+      model: NNX causal LM with the `init_cache`/`decode_hidden`/`logits` interface of
+        `opdplus_jax.models`, or its (graphdef, params[, rest]) split (so a trainer can pass
+        updated params).
       prompts: list of token-id lists (ragged), or a 2-D int array of whole prompts (or of a
         padded batch, with `prompt_mask` marking real tokens).
       max_new_tokens: T, the length of the returned arrays.

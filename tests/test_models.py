@@ -141,7 +141,7 @@ def test_cached_decode_equals_full_forward(family):
     slots, prefill = length + 4, 4
     cache = model.init_cache(batch, slots)
     assert len(cache) == model.config.num_layers
-    assert cache[0]["k"].shape == (batch, slots, 2, model.config.head_dim)
+    assert cache[0]["k"].shape == (batch, 2, slots, model.config.head_dim)
     kv_mask = np.zeros((batch, slots), bool)
     kv_mask[:, :prefill] = mask[:, :prefill]
     logits, cache = decode(ids[:, :prefill], positions[:, :prefill], cache, 0, kv_mask)
@@ -215,15 +215,15 @@ def test_chunked_attention_equals_full_and_has_same_gradient():
     from opdplus_jax.models.transformer import attention
 
     keys = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(keys[0], (2, 12, 4, 8))
-    k, v = (jax.random.normal(key, (2, 12, 2, 8)) for key in keys[1:])
+    q = jax.random.normal(keys[0], (2, 2, 2, 12, 8))  # [B, K, G, L, H]
+    k, v = (jax.random.normal(key, (2, 2, 12, 8)) for key in keys[1:])  # [B, K, S, H]
     mask = (
         jnp.tril(jnp.ones((12, 12), bool))[None]
         & (jnp.arange(12) >= jnp.array([[0], [5]]))[:, None]
     )
 
     def loss(q, k, v, chunk):
-        return jnp.sum(jnp.sin(attention(q, k, v, mask, 2, chunk)))
+        return jnp.sum(jnp.sin(attention(q, k, v, mask, chunk)))
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
     (plain, g_plain), (chunked, g_chunked) = grad(q, k, v, None), grad(q, k, v, 5)  # 5 + 5 + 2

@@ -2,8 +2,9 @@
 distribution (chi-square), truncation, EOS/masks, sharding, compilation count, bad input.
 
 Model-agnostic behaviour runs on `ToyLM`, a one-layer attention model implementing the models'
-`init_cache`/`decode` interface (fast, peaky distributions over 13 tokens); model behaviour runs
-on the tiny Hugging Face fixtures in tests/testdata/models (scripts/make_model_fixtures.py).
+`init_cache`/`decode_hidden`/`logits` interface (fast, peaky distributions over 13 tokens); model
+behaviour runs on the tiny Hugging Face fixtures in tests/testdata/models
+(scripts/make_model_fixtures.py).
 """
 
 from __future__ import annotations
@@ -50,10 +51,13 @@ class ToyLM(nnx.Module):
         h_BLD = self.embed(tokens_BL) + self.pos(positions_BL)
         return h_BLD, self.q(h_BLD), self.k(h_BLD), self.v(h_BLD)
 
-    def _head(self, h_BLD, q_BLD, k_BSD, v_BSD, allowed_BLS):
+    def _hidden(self, h_BLD, q_BLD, k_BSD, v_BSD, allowed_BLS):
         s_BLS = jnp.einsum("bld,bsd->bls", q_BLD, k_BSD) / math.sqrt(q_BLD.shape[-1])
         p_BLS = jax.nn.softmax(jnp.where(allowed_BLS, s_BLS, -1e30), axis=-1)
-        return 3.0 * self.out(jnp.tanh(h_BLD + jnp.einsum("bls,bsd->bld", p_BLS, v_BSD)))
+        return jnp.tanh(h_BLD + jnp.einsum("bls,bsd->bld", p_BLS, v_BSD))
+
+    def logits(self, x_BLD):
+        return 3.0 * self.out(x_BLD)
 
     def __call__(self, tokens_BL, positions_BL=None, attention_mask_BL=None):
         B, L = tokens_BL.shape
@@ -63,20 +67,20 @@ class ToyLM(nnx.Module):
             positions_BL = jnp.maximum(jnp.cumsum(mask_BL, -1) - 1, 0)
         h, q, k, v = self._project(tokens_BL, positions_BL)
         allowed = jnp.tril(jnp.ones((L, L), bool))[None] & mask_BL[:, None, :]
-        return self._head(h, q, k, v, allowed)
+        return self.logits(self._hidden(h, q, k, v, allowed))
 
     def init_cache(self, batch_size, max_length, dtype=None):
         z = jnp.zeros((batch_size, max_length, self.q.in_features), dtype or jnp.float32)
         return {"k": z, "v": z}
 
-    def decode(self, tokens_BL, positions_BL, cache, write_index, kv_mask_BS):
+    def decode_hidden(self, tokens_BL, positions_BL, cache, write_index, kv_mask_BS):
         h, q, k, v = self._project(tokens_BL, positions_BL)
         k_BSD = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, write_index, axis=1)
         v_BSD = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, write_index, axis=1)
         L, S = tokens_BL.shape[1], k_BSD.shape[1]
         causal_LS = jnp.arange(S)[None, :] <= (write_index + jnp.arange(L))[:, None]
         allowed = causal_LS[None] & kv_mask_BS[:, None, :]
-        return self._head(h, q, k_BSD, v_BSD, allowed), {"k": k_BSD, "v": v_BSD}
+        return self._hidden(h, q, k_BSD, v_BSD, allowed), {"k": k_BSD, "v": v_BSD}
 
 
 @functools.cache

@@ -127,7 +127,7 @@ def test_sharded_cached_decode_equals_single_device(reference):
     model = models.from_pretrained(path, mesh=mesh)
     batch, length = ids.shape
     cache = model.init_cache(batch, length)
-    assert cache[0]["k"].sharding.spec == P("fsdp", None, "tensor")
+    assert cache[0]["k"].sharding.spec == P("fsdp", "tensor")
     graphdef, params = nnx.split(model)
 
     @jax.jit

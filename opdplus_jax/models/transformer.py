@@ -6,7 +6,10 @@ Contract (shared by student, teacher and reference models, and by `opdplus_jax.s
 model = models.from_pretrained(path, dtype=jnp.float32, param_dtype=None, mesh=None)
 cfg = model.config                                   # ModelConfig
 logits_BLV = model(tokens_BL, positions_BL=None, attention_mask_BL=None)
+x_BLD = model.hidden_states(tokens_BL, positions_BL=None, attention_mask_BL=None)
+logits_BLV = model.logits(x_BLD)                     # == model(...) on the same arguments
 cache = model.init_cache(batch_size, max_length, dtype=None)
+x_BLD, cache = model.decode_hidden(tokens_BL, positions_BL, cache, write_index, kv_mask_BS)
 logits_BLV, cache = model.decode(tokens_BL, positions_BL, cache, write_index, kv_mask_BS)
 graphdef, params = nnx.split(model, nnx.Param)
 ```
@@ -14,8 +17,14 @@ graphdef, params = nnx.split(model, nnx.Param)
 - `__call__` is the full causal forward (training / scoring). `attention_mask_BL`: 1 = real token,
   0 = padding; padding keys are never attended to. `positions_BL` defaults to `cumsum(mask) - 1`
   (clipped at 0), so left padding does not shift RoPE positions.
-- `init_cache` returns a pure pytree: a list with one `{"k": [B, S, K, H], "v": [B, S, K, H]}`
-  dict per layer (S = max_length, K = kv heads, H = head dim), zeros, donate-able.
+- `hidden_states` / `decode_hidden` stop before the output layer: they return the final hidden
+  states [B, L, D] (after the final norm, in the activation dtype). Slice them to the positions
+  whose logits are needed, then call `logits`: the output layer is most of a small model's FLOPs
+  (scoring needs the response positions only, a prefill only the last one).
+- `init_cache` returns a pure pytree: a list with one `{"k": [B, K, S, H], "v": [B, K, S, H]}`
+  dict per layer (K = kv heads, S = max_length, H = head dim), zeros, donate-able. Heads before
+  slots, so that a decode step's attention reads every head's keys as one contiguous [S, H]
+  matrix (no transpose of the cache per step).
 - `decode` writes the L new tokens' keys/values into slots `[write_index, write_index + L)` (the
   same slots for every row: left-padded layout) and lets new token l attend to slots
   `s <= write_index + l` with `kv_mask_BS[b, s]` set (the caller marks the new slots as real).
@@ -26,7 +35,9 @@ graphdef, params = nnx.split(model, nnx.Param)
 
 Parameter layout (logical axes in parentheses, see `opdplus_jax.sharding`): embedding [V, D]
 (vocab, embed); q [D, N, H] (embed, heads, head_dim); k, v [D, K, H]; o [N, H, D]; gate/up
-[D, F] (embed, mlp); down [F, D]; lm_head [D, V] (absent when tied).
+[D, F] (embed, mlp); down [F, D]; lm_head [D, V] (absent when tied). Inside attention the N = K x G
+query heads are split into K kv-head groups of G (free reshapes of q and o): activations are
+q [B, K, G, L, H], k/v [B, K, L, H].
 """
 
 from __future__ import annotations
@@ -111,50 +122,49 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
 
 
 def rope_sin_cos(cfg: ModelConfig, positions_BL: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """sin, cos tables [B, L, 1, H] for the rotate-half RoPE convention."""
+    """sin, cos tables [B, L, H] for the rotate-half RoPE convention."""
     inv_freq, scaling = rope_inv_freq(cfg)
     freqs = positions_BL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
     return (jnp.sin(emb) * scaling).astype(dtype), (jnp.cos(emb) * scaling).astype(dtype)
 
 
-def apply_rope(x_BLNH: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-    x1, x2 = jnp.split(x_BLNH, 2, axis=-1)
+def apply_rope(x_BLH: jax.Array, sin_BLH: jax.Array, cos_BLH: jax.Array) -> jax.Array:
+    """Rotate x [..., L, H] (any leading head axes between B and L broadcast against sin/cos)."""
+    x1, x2 = jnp.split(x_BLH, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x_BLNH * cos + rotated * sin
+    return x_BLH * cos_BLH + rotated * sin_BLH
 
 
-def _attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, num_kv_heads: int) -> jax.Array:
-    b, length, n, h = q_BLNH.shape
-    q = q_BLNH.reshape(b, length, num_kv_heads, n // num_kv_heads, h)
-    scores = jnp.einsum("BLKGH,BSKH->BKGLS", q, k_BSKH, preferred_element_type=jnp.float32)
+def _attention(q_BKGLH, k_BKSH, v_BKSH, mask_BLS) -> jax.Array:
+    h = q_BKGLH.shape[-1]
+    scores = jnp.einsum("BKGLH,BKSH->BKGLS", q_BKGLH, k_BKSH, preferred_element_type=jnp.float32)
     scores = scores * (h**-0.5)
     scores = jnp.where(mask_BLS[:, None, None], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-    out = jnp.einsum("BKGLS,BSKH->BLKGH", probs, v_BSKH)
-    return out.reshape(b, length, n, h)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
+    return jnp.einsum("BKGLS,BKSH->BKGLH", probs, v_BKSH)
 
 
-def attention(
-    q_BLNH, k_BSKH, v_BSKH, mask_BLS, num_kv_heads: int, chunk_size: int | None = None
-) -> jax.Array:
-    """Grouped-query softmax attention; scores and softmax in float32. Returns [B, L, N, H].
+def attention(q_BKGLH, k_BKSH, v_BKSH, mask_BLS, chunk_size: int | None = None) -> jax.Array:
+    """Grouped-query softmax attention; scores and softmax in float32. Returns [B, K, G, L, H].
 
-    With `chunk_size` < L, queries are processed in chunks (`lax.map` of a rematerialised
-    function), so only [B, N, chunk_size, S] scores are live, in the forward and the backward.
+    Query head (k, g) (head k * G + g of the N = K x G) attends with kv head k. With
+    `chunk_size` < L, queries are processed in chunks (`lax.map` of a rematerialised function),
+    so only [B, N, chunk_size, S] scores are live, in the forward and the backward.
     """
-    b, length, n, h = q_BLNH.shape
+    b, k, g, length, h = q_BKGLH.shape
     if not chunk_size or length <= chunk_size:
-        return _attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, num_kv_heads)
+        return _attention(q_BKGLH, k_BKSH, v_BKSH, mask_BLS)
     chunks = -(-length // chunk_size)
     pad = chunks * chunk_size - length
-    q = jnp.pad(q_BLNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q = jnp.pad(q_BKGLH, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
     mask = jnp.pad(mask_BLS, ((0, 0), (0, pad), (0, 0)))
-    q = q.reshape(b, chunks, chunk_size, n, h).swapaxes(0, 1)
-    mask = mask.reshape(b, chunks, chunk_size, -1).swapaxes(0, 1)
-    one = jax.checkpoint(lambda qm: _attention(qm[0], k_BSKH, v_BSKH, qm[1], num_kv_heads))
-    out = jax.lax.map(one, (q, mask))  # [chunks, B, chunk, N, H]
-    return out.swapaxes(0, 1).reshape(b, chunks * chunk_size, n, h)[:, :length]
+    q_CBKGlH = jnp.moveaxis(q.reshape(b, k, g, chunks, chunk_size, h), 3, 0)
+    mask_CBlS = mask.reshape(b, chunks, chunk_size, -1).swapaxes(0, 1)
+    one = jax.checkpoint(lambda qm: _attention(qm[0], k_BKSH, v_BKSH, qm[1]))
+    out_CBKGlH = jax.lax.map(one, (q_CBKGlH, mask_CBlS))
+    out = jnp.moveaxis(out_CBKGlH, 0, 3).reshape(b, k, g, chunks * chunk_size, h)
+    return out[:, :, :, :length]
 
 
 class Attention(nnx.Module):
@@ -175,38 +185,49 @@ class Attention(nnx.Module):
             self.q_norm = _param(rngs, (h,), ("head_dim",), param_dtype, "ones")
             self.k_norm = _param(rngs, (h,), ("head_dim",), param_dtype, "ones")
 
-    def qkv(self, x_BLD, sin, cos):
+    def qkv(self, x_BLD, sin_BLH, cos_BLH):
+        """q [B, K, G, L, H] and k, v [B, K, L, H] (RoPE applied to q and k)."""
         cfg, dt = self.cfg, self.dtype
-        q = jnp.einsum("BLD,DNH->BLNH", x_BLD, self.q_proj[...].astype(dt))
-        k = jnp.einsum("BLD,DKH->BLKH", x_BLD, self.k_proj[...].astype(dt))
-        v = jnp.einsum("BLD,DKH->BLKH", x_BLD, self.v_proj[...].astype(dt))
+        d, kv, h = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
+        q_DKGH = self.q_proj[...].astype(dt).reshape(d, kv, cfg.num_heads // kv, h)
+        # Projections in the dot's natural output order, then heads before length (for L = 1, as
+        # in a decode step, a free reshape; projecting straight to BKLH makes XLA copy weights).
+        q = jnp.einsum("BLD,DKGH->BLKGH", x_BLD, q_DKGH).transpose(0, 2, 3, 1, 4)
+        k = jnp.einsum("BLD,DKH->BLKH", x_BLD, self.k_proj[...].astype(dt)).swapaxes(1, 2)
+        v = jnp.einsum("BLD,DKH->BLKH", x_BLD, self.v_proj[...].astype(dt)).swapaxes(1, 2)
         if cfg.qkv_bias:
-            q = q + self.q_bias[...].astype(dt)
-            k = k + self.k_bias[...].astype(dt)
-            v = v + self.v_bias[...].astype(dt)
+            q = q + self.q_bias[...].astype(dt).reshape(kv, -1, 1, h)
+            k = k + self.k_bias[...].astype(dt)[:, None]
+            v = v + self.v_bias[...].astype(dt)[:, None]
         if cfg.qk_norm:
             q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
             k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
-        return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
+        sin_B1LH, cos_B1LH = sin_BLH[:, None], cos_BLH[:, None]
+        q = apply_rope(q, sin_B1LH[:, None], cos_B1LH[:, None])
+        return q, apply_rope(k, sin_B1LH, cos_B1LH), v
 
-    def out(self, o_BLNH):
-        y = jnp.einsum("BLNH,NHD->BLD", o_BLNH, self.o_proj[...].astype(self.dtype))
-        if self.cfg.o_bias:
+    def out(self, o_BKGLH):
+        cfg = self.cfg
+        k = cfg.num_kv_heads
+        o_KGHD = (
+            self.o_proj[...].astype(self.dtype).reshape(k, cfg.num_heads // k, -1, cfg.hidden_size)
+        )
+        y = jnp.einsum("BKGLH,KGHD->BLD", o_BKGLH, o_KGHD)
+        if cfg.o_bias:
             y = y + self.o_bias[...].astype(self.dtype)
         return y
 
-    def __call__(self, x_BLD, sin, cos, mask_BLS, chunk_size=None):
-        q, k, v = self.qkv(x_BLD, sin, cos)
-        return self.out(attention(q, k, v, mask_BLS, self.cfg.num_kv_heads, chunk_size))
+    def __call__(self, x_BLD, sin_BLH, cos_BLH, mask_BLS, chunk_size=None):
+        q, k, v = self.qkv(x_BLD, sin_BLH, cos_BLH)
+        return self.out(attention(q, k, v, mask_BLS, chunk_size))
 
-    def decode(self, x_BLD, sin, cos, mask_BLS, cache, write_index, chunk_size=None):
-        q, k, v = self.qkv(x_BLD, sin, cos)
-        start = (0, write_index, 0, 0)
-        ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-        cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-        ck_, cv_ = ck.astype(self.dtype), cv.astype(self.dtype)
-        o = attention(q, ck_, cv_, mask_BLS, self.cfg.num_kv_heads, chunk_size)
-        return self.out(o), {"k": ck, "v": cv}
+    def decode(self, x_BLD, sin_BLH, cos_BLH, mask_BLS, cache, write_index, chunk_size=None):
+        q, k, v = self.qkv(x_BLD, sin_BLH, cos_BLH)
+        start = (0, 0, write_index, 0)
+        k_BKSH = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+        v_BKSH = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+        o = attention(q, k_BKSH.astype(self.dtype), v_BKSH.astype(self.dtype), mask_BLS, chunk_size)
+        return self.out(o), {"k": k_BKSH, "v": v_BKSH}
 
 
 class MLP(nnx.Module):
@@ -293,8 +314,8 @@ class CausalLM(nnx.Module):
         x = jnp.take(self.embed_tokens[...], tokens_BL, axis=0, mode="clip").astype(self.dtype)
         return self._constrain(x, ("batch", "length", "act_embed"))
 
-    def _logits(self, x_BLD):
-        x_BLD = rms_norm(x_BLD, self.norm[...], self.config.rms_norm_eps)
+    def logits(self, x_BLD: jax.Array) -> jax.Array:
+        """Output layer: float32 logits [B, L, V] of final hidden states from `hidden_states`."""
         if self.config.tie_word_embeddings:
             w, spec = self.embed_tokens[...].astype(self.dtype), "BLD,VD->BLV"
         else:
@@ -302,13 +323,16 @@ class CausalLM(nnx.Module):
         logits = jnp.einsum(spec, x_BLD, w, preferred_element_type=jnp.float32)
         return self._constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
-    def __call__(
+    def _final_norm(self, x_BLD):
+        return rms_norm(x_BLD, self.norm[...], self.config.rms_norm_eps)
+
+    def hidden_states(
         self,
         tokens_BL: jax.Array,
         positions_BL: jax.Array | None = None,
         attention_mask_BL: jax.Array | None = None,
     ) -> jax.Array:
-        """Full causal forward: float32 logits [B, L, V]."""
+        """Full causal forward up to the output layer: final hidden states [B, L, D]."""
         tokens_BL = jnp.asarray(tokens_BL, jnp.int32)
         length = tokens_BL.shape[1]
         if attention_mask_BL is None:
@@ -323,16 +347,25 @@ class CausalLM(nnx.Module):
         x = self._embed(tokens_BL)
         for layer in self.layers:
             x = layer(x, sin, cos, mask_BLS, self.attention_chunk_size)
-        return self._logits(x)
+        return self._final_norm(x)
+
+    def __call__(
+        self,
+        tokens_BL: jax.Array,
+        positions_BL: jax.Array | None = None,
+        attention_mask_BL: jax.Array | None = None,
+    ) -> jax.Array:
+        """Full causal forward: float32 logits [B, L, V]."""
+        return self.logits(self.hidden_states(tokens_BL, positions_BL, attention_mask_BL))
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
-        """Zero KV cache: per layer {"k", "v"} of shape [batch_size, max_length, K, H]."""
+        """Zero KV cache: per layer {"k", "v"} of shape [batch_size, K, max_length, H]."""
         cfg = self.config
         dtype = self.dtype if dtype is None else jnp.dtype(dtype)
-        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
         device = None
         if self.mesh is not None:
-            axes = ("batch", "cache_length", "kv_heads", "head_dim")
+            axes = ("batch", "kv_heads", "cache_length", "head_dim")
             device = shd.logical_sharding(self.mesh, axes, shape, self.rules)
         return [
             {
@@ -342,7 +375,7 @@ class CausalLM(nnx.Module):
             for _ in range(cfg.num_layers)
         ]
 
-    def decode(
+    def decode_hidden(
         self,
         tokens_BL: jax.Array,
         positions_BL: jax.Array,
@@ -350,10 +383,11 @@ class CausalLM(nnx.Module):
         write_index: jax.Array | int,
         kv_mask_BS: jax.Array,
     ) -> tuple[jax.Array, KVCache]:
-        """Cached forward of L new tokens written at slots [write_index, write_index + L)."""
+        """Cached forward of L new tokens written at slots [write_index, write_index + L), up to
+        the output layer: (final hidden states [B, L, D], updated cache)."""
         tokens_BL = jnp.asarray(tokens_BL, jnp.int32)
         length = tokens_BL.shape[1]
-        slots = cache[0]["k"].shape[1]
+        slots = cache[0]["k"].shape[2]
         write_index = jnp.asarray(write_index, jnp.int32)
         query_slot_L = write_index + jnp.arange(length, dtype=jnp.int32)
         causal_LS = jnp.arange(slots, dtype=jnp.int32)[None, :] <= query_slot_L[:, None]
@@ -366,4 +400,16 @@ class CausalLM(nnx.Module):
                 x, sin, cos, mask_BLS, layer_cache, write_index, self.attention_chunk_size
             )
             new_cache.append(layer_cache)
-        return self._logits(x), new_cache
+        return self._final_norm(x), new_cache
+
+    def decode(
+        self,
+        tokens_BL: jax.Array,
+        positions_BL: jax.Array,
+        cache: KVCache,
+        write_index: jax.Array | int,
+        kv_mask_BS: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """`decode_hidden` then the output layer: (float32 logits [B, L, V], updated cache)."""
+        x_BLD, cache = self.decode_hidden(tokens_BL, positions_BL, cache, write_index, kv_mask_BS)
+        return self.logits(x_BLD), cache

@@ -1,0 +1,1 @@
+"""Research experiments: sweeps over the demo's distillation (see experiments/README.md)."""

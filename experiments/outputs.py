@@ -1,0 +1,196 @@
+"""Outputs of the experiments: CSV, mean ± std aggregation, markdown tables, plots.
+
+Plain helpers over lists of dict rows; `experiments.common` runs the experiments, this module
+only reads and writes what they measured (the results notebook reads the same CSVs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def read_csv(path: str) -> list[dict[str, Any]]:
+    """Rows of a CSV written by `write_csv`, numbers parsed back to float."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for k, v in row.items():
+            with contextlib.suppress(TypeError, ValueError):
+                row[k] = float(v)
+    return rows
+
+
+def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> str:
+    """Rows (dicts) to CSV; the header is the union of keys in first-seen order."""
+    header = list(dict.fromkeys(k for row in rows for k in row))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+# ----------------------------------------------------------------------------------- aggregate
+
+
+def aggregate(rows: Sequence[dict], by: Sequence[str], keys: Sequence[str]) -> list[dict]:
+    """Mean, sample std (ddof = 1; 0 for one seed) and n of `keys` per group of `by` columns,
+    in first-seen group order. Missing or NaN values are skipped."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(b) for b in by), []).append(row)
+    out = []
+    for group, members in groups.items():
+        agg = dict(zip(by, group, strict=True))
+        agg["n"] = len(members)
+        for k in keys:
+            vals = np.array([float(m[k]) for m in members if k in m and m[k] not in ("", None)])
+            vals = vals[np.isfinite(vals)]
+            agg[f"{k}_mean"] = float(vals.mean()) if len(vals) else math.nan
+            agg[f"{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        out.append(agg)
+    return out
+
+
+def fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_table(
+    summary: Sequence[dict],
+    columns: Sequence[str],
+    metrics_: Sequence[tuple[str, str, int]],
+    references: Sequence[dict] = (),
+) -> str:
+    """Markdown: one row per reference model then per variant; `metrics_` are (key, title,
+    digits) rendered as mean ± std."""
+    header = [*columns, *(title for _, title, _ in metrics_), "seeds"]
+    rows = []
+    for ref in references:
+        cells = [ref.get("label", "")] + [""] * (len(columns) - 1)
+        cells += [fmt(ref.get(k, math.nan), None, d) for k, _, d in metrics_]
+        rows.append([*cells, "–"])
+    for s in summary:
+        cells = [s.get(c, "") for c in columns]
+        cells += [fmt(s[f"{k}_mean"], s[f"{k}_std"], d) for k, _, d in metrics_]
+        rows.append([*cells, int(s["n"])])
+    return markdown_table(header, rows)
+
+
+def write_results(args, tables: dict[str, str], meta: dict[str, Any]) -> str:
+    """`results.md` (titled tables) and `meta.json` (settings, timings) into `args.out`."""
+    os.makedirs(args.out, exist_ok=True)
+    parts = [f"# {args.name}\n", f"{meta.get('description', '')}\n"]
+    for title, table in tables.items():
+        parts += [f"## {title}\n", table, ""]
+    path = os.path.join(args.out, "results.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))
+    with open(os.path.join(args.out, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, sort_keys=True, default=str)
+    _log("\n".join(f"## {t}\n{tab}\n" for t, tab in tables.items()))
+    return path
+
+
+# ----------------------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(path: str, curves: Sequence[dict], key: str = "accuracy", refs=None,
+                title: str = "") -> str:  # fmt: skip
+    """Mean ± std (band) over seeds of `key` vs step, one line per label; `refs`: {name: y}."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = list(dict.fromkeys(c["label"] for c in curves))
+    for label in labels:
+        agg = aggregate([c for c in curves if c["label"] == label], ["step"], [key])
+        steps = np.array([a["step"] for a in agg], float)
+        mean = np.array([a[f"{key}_mean"] for a in agg])
+        std = np.array([a[f"{key}_std"] for a in agg])
+        (line,) = ax.plot(steps, mean, "o-", ms=3, label=label)
+        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    for i, (name, y) in enumerate((refs or {}).items()):
+        ax.axhline(y, ls=("--", ":", "-.")[i % 3], color="gray", label=name)
+    ax.set(xlabel="OPD step", ylabel=f"held-out {key} (greedy)", title=title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(path: str, summary: Sequence[dict], label_of: Callable[[dict], str],
+              keys: Sequence[tuple[str, str]], refs=None, title: str = "") -> str:  # fmt: skip
+    """One panel per (key, ylabel): bars of the mean with std error bars; `refs` {name: {key: y}}
+    are drawn as horizontal lines."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.5), squeeze=False)
+    names = [label_of(s) for s in summary]
+    for ax, (key, ylabel) in zip(axes[0], keys, strict=True):
+        x = np.arange(len(summary))
+        ax.bar(x, [s[f"{key}_mean"] for s in summary], yerr=[s[f"{key}_std"] for s in summary],
+               capsize=3, color="tab:blue", alpha=0.8)  # fmt: skip
+        for i, (name, vals) in enumerate((refs or {}).items()):
+            if key in vals:
+                ax.axhline(vals[key], ls=("--", ":")[i % 2], color="gray", label=name)
+        ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        if refs:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_vs_x(path: str, summary: Sequence[dict], x: str, keys: Sequence[tuple[str, str]],
+              refs=None, title: str = "") -> str:  # fmt: skip
+    """One panel per (key, ylabel): mean ± std of `key` against the numeric column `x`."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    xs = np.array([float(s[x]) for s in summary])
+    for ax, (key, ylabel) in zip(axes[0], keys, strict=True):
+        ax.errorbar(xs, [s[f"{key}_mean"] for s in summary], [s[f"{key}_std"] for s in summary],
+                    fmt="o-", capsize=3, label="student")  # fmt: skip
+        for i, (name, vals) in enumerate((refs or {}).items()):
+            if key in vals:
+                ax.axhline(vals[key], ls=("--", ":")[i % 2], color="gray", label=name)
+        ax.set(xlabel=x, ylabel=ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

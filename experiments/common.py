@@ -139,18 +139,6 @@ def setup_logging() -> None:
     log.propagate = False
 
 
-def apply_overrides(config, overrides: dict[str, Any]):
-    """Sets dotted fields (`{"train.num_steps": 20}`) of an unlocked or locked ConfigDict; an
-    unknown field raises the ConfigDict's error naming it."""
-    for dotted, value in overrides.items():
-        node = config
-        *path, leaf = dotted.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return config
-
-
 def single_device_mesh() -> jax.sharding.Mesh:
     return sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
 

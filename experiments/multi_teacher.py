@@ -89,8 +89,8 @@ def make_config(cache: str, overrides: dict, seed: int):
         c.teachers[domain].path = os.path.join(m, f"teacher_{domain}")
     c.data.train_path, c.data.eval_path = f"{d}/train.jsonl", f"{d}/test.jsonl"
     c.train.export_final = True
-    common.apply_overrides(c, {**overrides, "seed": seed})
     c.lock()
+    demo.apply_overrides(c, {**overrides, "seed": seed})
     return c
 
 

@@ -6,7 +6,8 @@ concatenated [left-padded prompt | completion] sequence and gathers, at every co
 the float32 log-prob of the completion token under the unmodified model (temperature 1, no
 truncation). Prompt and completion use the same layout as `sampling.generate` returns, so
 `token_logprobs(student, r.prompt_tokens, r.prompt_mask, r.tokens, r.mask)` reproduces
-`r.logprobs` up to float32 rounding.
+`r.logprobs` up to float32 rounding. `completion_logprobs` is the traceable core (used inside the
+train step's jitted update too); it needs the models' `hidden_states`/`logits` methods.
 
 Models are used as pure functions: `split_model` turns an NNX module into (graphdef, params, rest);
 the graphdef is a static (hashed) argument of the compiled function and the params are ordinary
@@ -99,6 +100,27 @@ def positions_from_mask(mask_BL: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask_BL.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def completion_logprobs(
+    model, prompt_tokens_BP, prompt_mask_BP, tokens_BT, mask_BT, vocab_size: int | None = None
+) -> jax.Array:
+    """log pi(y_t | prompt, y_<t) [B, T] (float32, 0 where mask_BT is 0) in one causal forward.
+
+    Traceable (not jitted). The output layer runs at the T positions that predict the completion
+    only (hidden states are sliced first), and the log-probs are gathered logits minus logsumexp
+    (`gather_logprobs`), without a [B, P + T, V] logits or a [B, T, V] log-softmax array.
+    """
+    P, T = prompt_tokens_BP.shape[1], tokens_BT.shape[1]
+    tokens_BL = jnp.concatenate([prompt_tokens_BP, tokens_BT], axis=1)
+    mask_BL = jnp.concatenate([prompt_mask_BP, mask_BT], axis=1).astype(jnp.int32)
+    x_BLD = model.hidden_states(
+        tokens_BL, positions_BL=positions_from_mask(mask_BL), attention_mask_BL=mask_BL
+    )
+    # The hidden state at position i predicts token i + 1: completion token t at P - 1 + t.
+    logits_BTV = model.logits(x_BLD[:, P - 1 : P - 1 + T])[..., :vocab_size]
+    logp_BT = gather_logprobs(logits_BTV, tokens_BT)
+    return jnp.where(mask_BT.astype(bool), logp_BT, 0.0)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "vocab_size"))
 def _token_logprobs(
     graphdef,
@@ -112,16 +134,9 @@ def _token_logprobs(
 ):
     TRACE_COUNTS["token_logprobs"] += 1
     model = nnx.merge(graphdef, params, rest)
-    P = prompt_tokens_BP.shape[1]
-    T = completion_tokens_BT.shape[1]
-    tokens_BL = jnp.concatenate([prompt_tokens_BP, completion_tokens_BT], axis=1)
-    mask_BL = jnp.concatenate([prompt_mask_BP, mask_BT], axis=1).astype(jnp.int32)
-    logits_BLV = model(
-        tokens_BL, positions_BL=positions_from_mask(mask_BL), attention_mask_BL=mask_BL
+    return completion_logprobs(
+        model, prompt_tokens_BP, prompt_mask_BP, completion_tokens_BT, mask_BT, vocab_size
     )
-    # The logits at position i predict token i + 1: completion token t is predicted at P - 1 + t.
-    logp_BT = gather_logprobs(logits_BLV[:, P - 1 : P - 1 + T, :vocab_size], completion_tokens_BT)
-    return jnp.where(mask_BT.astype(bool), logp_BT, 0.0)
 
 
 def token_logprobs(

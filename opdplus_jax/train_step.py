@@ -33,8 +33,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from opdplus_jax import divergences, estimators, losses
-from opdplus_jax.scoring import positions_from_mask
+from opdplus_jax import divergences, estimators, losses, scoring
 
 ROLLOUT_KEYS = ("prompt_tokens", "prompt_mask", "tokens", "mask", "behaviour_logp", "teacher")
 
@@ -100,17 +99,14 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
 
 def completion_logprobs(graphdef, params, batch, vocab_size: int) -> jax.Array:
     """log pi(y_t | c_t) [B, T] of the response tokens under a model, in one forward (float32)."""
-    model = nnx.merge(graphdef, params)
-    prompt_len = batch["prompt_tokens"].shape[1]
-    tokens = jnp.concatenate([batch["prompt_tokens"], batch["tokens"]], axis=1)
-    mask = jnp.concatenate([batch["prompt_mask"], batch["mask"]], axis=1).astype(jnp.int32)
-    logits = model(tokens, positions_BL=positions_from_mask(mask), attention_mask_BL=mask)
-    # Position i predicts token i + 1: response token t is predicted at prompt_len - 1 + t.
-    logits = logits[:, prompt_len - 1 : -1, :vocab_size].astype(jnp.float32)
-    logp = jnp.take_along_axis(
-        jax.nn.log_softmax(logits, axis=-1), batch["tokens"][..., None], axis=-1
-    )[..., 0]
-    return jnp.where(batch["mask"] > 0, logp, 0.0)
+    return scoring.completion_logprobs(
+        nnx.merge(graphdef, params),
+        batch["prompt_tokens"],
+        batch["prompt_mask"],
+        batch["tokens"],
+        batch["mask"],
+        vocab_size,
+    )
 
 
 def _route(per_teacher: list[jax.Array], teacher_B: jax.Array) -> jax.Array:

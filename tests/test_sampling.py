@@ -2,8 +2,8 @@
 distribution (chi-square), truncation, EOS/masks, sharding, compilation count, bad input.
 
 Model-agnostic behaviour runs on `ToyLM`, a one-layer attention model implementing the models'
-`init_cache`/`decode_hidden`/`logits` interface (fast, peaky distributions over 13 tokens); model
-behaviour runs on the tiny Hugging Face fixtures in tests/testdata/models
+`hidden_states`/`init_cache`/`decode_hidden`/`logits` interface (fast, peaky distributions over
+13 tokens); model behaviour runs on the tiny Hugging Face fixtures in tests/testdata/models
 (scripts/make_model_fixtures.py).
 """
 
@@ -60,6 +60,9 @@ class ToyLM(nnx.Module):
         return 3.0 * self.out(x_BLD)
 
     def __call__(self, tokens_BL, positions_BL=None, attention_mask_BL=None):
+        return self.logits(self.hidden_states(tokens_BL, positions_BL, attention_mask_BL))
+
+    def hidden_states(self, tokens_BL, positions_BL=None, attention_mask_BL=None):
         B, L = tokens_BL.shape
         mask_BL = jnp.ones((B, L), bool) if attention_mask_BL is None else attention_mask_BL
         mask_BL = mask_BL.astype(bool)
@@ -67,7 +70,7 @@ class ToyLM(nnx.Module):
             positions_BL = jnp.maximum(jnp.cumsum(mask_BL, -1) - 1, 0)
         h, q, k, v = self._project(tokens_BL, positions_BL)
         allowed = jnp.tril(jnp.ones((L, L), bool))[None] & mask_BL[:, None, :]
-        return self.logits(self._hidden(h, q, k, v, allowed))
+        return self._hidden(h, q, k, v, allowed)
 
     def init_cache(self, batch_size, max_length, dtype=None):
         z = jnp.zeros((batch_size, max_length, self.q.in_features), dtype or jnp.float32)

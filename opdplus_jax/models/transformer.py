@@ -208,10 +208,8 @@ class Attention(nnx.Module):
 
     def out(self, o_BKGLH):
         cfg = self.cfg
-        k = cfg.num_kv_heads
-        o_KGHD = (
-            self.o_proj[...].astype(self.dtype).reshape(k, cfg.num_heads // k, -1, cfg.hidden_size)
-        )
+        kv, d = cfg.num_kv_heads, cfg.hidden_size
+        o_KGHD = self.o_proj[...].astype(self.dtype).reshape(kv, cfg.num_heads // kv, -1, d)
         y = jnp.einsum("BKGLH,KGHD->BLD", o_BKGLH, o_KGHD)
         if cfg.o_bias:
             y = y + self.o_bias[...].astype(self.dtype)

@@ -262,8 +262,12 @@ def run_grid(
             ident = {"label": v.label, **v.columns, "seed": seed, "run_key": key}
             runs.append({**ident, **row})
             curves += [{**ident, **c} for c in curve]
-            _log(f"    accuracy {row.get('accuracy', math.nan):.3f}, KL "
-                 f"{row.get('kl_per_token', math.nan):.4f}, {row['seconds']:.0f} s")  # fmt: skip
+            shown = [
+                f"{k} {v:.4g}"
+                for k, v in row.items()
+                if k.endswith(("accuracy", "kl_per_token")) and not k.startswith("train_")
+            ]
+            _log(f"    {', '.join(shown)}, {row['seconds']:.0f} s")
             write_csv(runs_path, runs)
             write_csv(curves_path, curves)
     write_csv(runs_path, runs)

@@ -314,6 +314,29 @@ def read_jsonl(path: str | os.PathLike, *, split: str | None = None) -> list[dic
 # --------------------------------------------------------------------------------------------
 
 
+def write_config(config: Any, workdir: str | os.PathLike) -> str:
+    """Writes `workdir/config.json`, the run's full `ConfigDict`. A resumed run with a different
+    config keeps the previous file as `config.<n>.json` and warns."""
+    workdir = os.fspath(workdir)
+    path = os.path.join(workdir, "config.json")
+    text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = f.read()
+        if old == text:
+            return path
+        n = 1
+        while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+            n += 1
+        os.replace(path, os.path.join(workdir, f"config.{n}.json"))
+        logger.warning("%s: the config differs from the previous run's (kept as config.%d.json)",
+                       workdir, n)  # fmt: skip
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 class Timer:
     """Accumulates wall-clock seconds per name: `with timer("rollout"): ...`.
 

@@ -66,7 +66,6 @@ def sft_step(graphdef, opt, params, opt_state, batch, vocab_size: int):
     return params, opt_state, metrics
 
 
-@functools.lru_cache(maxsize=32)
 def make_optimizer(
     steps: int,
     learning_rate: float,
@@ -78,8 +77,8 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """Clip -> AdamW on a warm-up + cosine (or constant) schedule (`train_step.make_optimizer`).
 
-    `warmup_steps` defaults to 5% of `steps`. Cached: equal settings give the same (static,
-    hashed) optimizer object, so repeated runs reuse the compiled step."""
+    `warmup_steps` defaults to 5% of `steps`. Equal settings give the same optimizer object
+    (see `train_step.make_optimizer`), so repeated runs reuse the compiled step."""
     warmup = max(1, steps // 20) if warmup_steps is None else warmup_steps
     cfg = types.SimpleNamespace(
         learning_rate=learning_rate,

@@ -74,27 +74,48 @@ class StepConfig:
     tis_cap: float | None = None
 
 
+OPTIMIZER_FIELDS = (
+    "learning_rate",
+    "schedule",
+    "warmup_steps",
+    "weight_decay",
+    "b1",
+    "b2",
+    "grad_clip",
+    "grad_accum",
+)
+
+
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     """optax chain from `config.optimizer`: global-norm clip, AdamW on a schedule, accumulation.
 
     The cosine schedule decays to 0 over `total_steps` optimizer updates after the warm-up.
+    Equal settings return the same optimizer object: the jitted steps take it as a static
+    argument, so runs with equal settings in one process (sweeps, tests) share their compilation.
     """
-    lr = cfg.learning_rate
-    if cfg.schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, lr, max(cfg.warmup_steps, 1), max(total_steps, cfg.warmup_steps + 1)
-        )
-    elif cfg.schedule == "constant":
+    return _make_optimizer(tuple(getattr(cfg, k) for k in OPTIMIZER_FIELDS), total_steps)
+
+
+@functools.lru_cache(maxsize=64)
+def _make_optimizer(values: tuple, total_steps: int) -> optax.GradientTransformation:
+    cfg = dict(zip(OPTIMIZER_FIELDS, values, strict=True))
+    lr, warmup = cfg["learning_rate"], max(cfg["warmup_steps"], 1)
+    if cfg["schedule"] == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1))
+    elif cfg["schedule"] == "constant":
         schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, max(cfg.warmup_steps, 1)), optax.constant_schedule(lr)],
-            [max(cfg.warmup_steps, 1)],
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
         )
     else:
-        raise ValueError(f"optimizer.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
-    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+        raise ValueError(
+            f"optimizer.schedule must be 'cosine' or 'constant', got {cfg['schedule']!r}"
+        )
+    parts = [optax.clip_by_global_norm(cfg["grad_clip"])] if cfg["grad_clip"] > 0 else []
+    parts.append(
+        optax.adamw(schedule, b1=cfg["b1"], b2=cfg["b2"], weight_decay=cfg["weight_decay"])
+    )
     opt = optax.chain(*parts)
-    return optax.MultiSteps(opt, cfg.grad_accum) if cfg.grad_accum > 1 else opt
+    return optax.MultiSteps(opt, cfg["grad_accum"]) if cfg["grad_accum"] > 1 else opt
 
 
 def completion_logprobs(graphdef, params, batch, vocab_size: int) -> jax.Array:

@@ -284,6 +284,7 @@ def train_and_evaluate(
     """
     os.makedirs(workdir, exist_ok=True)
     setup = load(config, mesh)
+    metrics.write_config(config, workdir)
     opt = train_step.make_optimizer(config.optimizer, config.train.num_steps)
     _, params = nnx.split(setup.student, nnx.Param)
     state = train_step.TrainState(

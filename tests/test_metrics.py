@@ -159,3 +159,22 @@ def test_tensorboard_event_files(tmp_path):
     newest = max(glob.glob(str(tmp_path / "tensorboard" / "train" / "*")), key=os.path.getmtime)
     scalars, starts = _read_events(newest)
     assert starts == [2] and scalars == [("loss", 2, 0.125)]
+
+
+def test_write_config_records_and_keeps_a_changed_one(tmp_path, caplog):
+    from ml_collections import config_dict
+
+    c = config_dict.ConfigDict({"train": {"num_steps": 2}, "name": "a"})
+    path = metrics.write_config(c, tmp_path)
+    with open(path) as f:
+        assert json.load(f) == {"name": "a", "train": {"num_steps": 2}}
+    metrics.write_config(c, tmp_path)  # same config: nothing kept aside
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]
+    c.train.num_steps = 4
+    with caplog.at_level(logging.WARNING, logger="opdplus_jax.metrics"):
+        metrics.write_config(c, tmp_path)
+    assert "config.1.json" in caplog.text
+    with open(tmp_path / "config.1.json") as f:
+        assert json.load(f)["train"]["num_steps"] == 2
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["train"]["num_steps"] == 4

@@ -120,6 +120,11 @@ def test_resume_gives_identical_parameters(assets, tmp_path):
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
     # Evaluations: before training, at the end of the first (2-step) run, at the end.
     assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 2, 4]
+    # The workdir records the config of the latest start and keeps the earlier one.
+    with open(tmp_path / "b" / "config.json") as f:
+        assert json.load(f)["train"]["num_steps"] == 4
+    with open(tmp_path / "b" / "config.1.json") as f:
+        assert json.load(f)["train"]["num_steps"] == 2
 
 
 @pytest.mark.slow
@@ -295,3 +300,17 @@ def test_cli_rejects_a_misspelt_config_field_with_a_suggestion(tmp_path):
     )
     assert done.returncode != 0
     assert "divergence" in done.stderr and "divergnce" in done.stderr, done.stderr[-2000:]
+
+
+def test_equal_optimizer_settings_share_one_optimizer_object():
+    # The jitted steps take the optimizer as a static argument: one object per setting means one
+    # compilation per setting in a process that runs many distillations (sweeps, tests).
+    a = default_config.get_config("cpu").optimizer
+    b = default_config.get_config("cpu").optimizer
+    assert train_step.make_optimizer(a, 80) is train_step.make_optimizer(b, 80)
+    assert train_step.make_optimizer(a, 80) is not train_step.make_optimizer(a, 40)
+    b.learning_rate = a.learning_rate / 2
+    assert train_step.make_optimizer(a, 80) is not train_step.make_optimizer(b, 80)
+    b.schedule = "linear"
+    with pytest.raises(ValueError, match="must be 'cosine' or 'constant'"):
+        train_step.make_optimizer(b, 80)

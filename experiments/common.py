@@ -62,6 +62,18 @@ QUICK_OVERRIDES = {
     "eval.max_new_tokens": 8,
 }
 QUICK_SEEDS = 2
+# The settings every experiment's runs were made with, pinned here so that later changes to the
+# cpu preset do not silently change what an experiment measures (estimator and divergence are
+# each experiment's own overrides).
+PINNED = {
+    "optimizer.learning_rate": 1e-3,
+    "optimizer.schedule": "constant",
+    "optimizer.warmup_steps": 5,
+    "rollout.num_samples": 4,
+    "rollout.temperature": 1.0,
+    "estimator.baseline": "none",
+    "loss.aggregation": "seq_mean_token_sum_norm",
+}
 
 
 def _log(msg: str) -> None:
@@ -81,7 +93,12 @@ class Variant:
 
 
 def parse_args(name: str, description: str, argv: Sequence[str] | None = None):
-    """--quick, --seeds, --out, --cache_dir, --workdir, --steps; defaults depend on --quick."""
+    """--quick, --seeds, --out, --cache_dir, --workdir, --steps, --set; defaults depend on --quick.
+
+    `--set KEY=VALUE` (repeatable) overrides a config field in every run, e.g.
+    `--set estimator.baseline=loo`; the experiment's name (and so its default results and run
+    folders) gets a suffix naming the overrides, e.g. `divergences_baseline-loo`, so that such a
+    variant never mixes with (or resumes from) the plain experiment's runs."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny settings (about a minute)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (3; quick: 2)")
@@ -91,8 +108,25 @@ def parse_args(name: str, description: str, argv: Sequence[str] | None = None):
                    "runs/experiments/cache, quick: runs/experiments/quick/cache)")  # fmt: skip
     p.add_argument("--workdir", default=None, help="run folders (default: <cache_dir>/../work)")
     p.add_argument("--steps", type=int, default=None, help="override train.num_steps")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override in every run, e.g. estimator.baseline=loo")  # fmt: skip
     args = p.parse_args(argv)
     root = os.path.join("runs", "experiments", "quick" if args.quick else "")
+    args.overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            args.overrides[key] = json.loads(value)
+        except ValueError:
+            args.overrides[key] = value  # a bare string, e.g. estimator.baseline=loo
+    try:
+        demo.distill_config("cpu", "cache", args.overrides)  # misspelt or mistyped: fail now
+    except ValueError as e:
+        p.error(str(e))
+    suffix = "".join(f"_{k.rsplit('.', 1)[-1]}-{v}" for k, v in args.overrides.items())
+    name = name + suffix
     args.name = name
     args.seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 3)
     if args.seeds < 1:
@@ -111,7 +145,7 @@ def parse_args(name: str, description: str, argv: Sequence[str] | None = None):
 def scale(args, full_overrides: dict[str, Any]) -> tuple[demo.Settings, dict[str, Any]]:
     """(demo Settings, base config overrides) of this invocation: quick or full, plus --steps."""
     settings = QUICK_SETTINGS if args.quick else demo.Settings()
-    overrides = dict(QUICK_OVERRIDES if args.quick else full_overrides)
+    overrides = {**PINNED, **(QUICK_OVERRIDES if args.quick else full_overrides), **args.overrides}
     if args.steps is not None:
         overrides["train.num_steps"] = args.steps
     n = overrides.get("train.num_steps", 60)
@@ -122,8 +156,8 @@ def scale(args, full_overrides: dict[str, Any]) -> tuple[demo.Settings, dict[str
 
 def setup(args) -> None:
     """Process set-up of an experiment: quiet trainer logging, and JAX's persistent compilation
-    cache in `<cache_dir>/jax_cache`. The trainer builds a new optimizer object per run, which
-    recompiles its step (about 25 s on 2 cores); identical computations then load from disk."""
+    cache in `<cache_dir>/jax_cache`, so that separate processes on the same cache (the scripts,
+    reruns, the quick test) load identical computations from disk instead of recompiling."""
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.cache_dir, "jax_cache"))
     setup_logging()
 

@@ -113,7 +113,11 @@ def test_cli_defaults_and_errors():
     full = common.parse_args("x", "", ["--seeds", "4", "--steps", "7"])
     assert full.seeds == 4 and full.out == os.path.join("experiments", "results", "x")
     assert common.scale(full, {"train.num_steps": 30})[1]["train.num_steps"] == 7
-    for bad in (["--seeds", "0"], ["--steps", "-1"]):
+    loo = common.parse_args("x", "", ["--set", "estimator.baseline=loo"])
+    assert loo.name == "x_baseline-loo" and loo.out.endswith(os.path.join("results", loo.name))
+    assert loo.workdir.endswith(os.path.join("work", loo.name))  # never resumes the plain runs
+    assert common.scale(loo, {})[1]["estimator.baseline"] == "loo"
+    for bad in (["--seeds", "0"], ["--steps", "-1"], ["--set", "estimator.baselin=loo"]):
         with pytest.raises(SystemExit):
             common.parse_args("x", "", bad)
 

@@ -11,7 +11,8 @@ Presets:
                from the same teacher.
   qwen3_exopd  the papers' setting (Qwen3-1.7B student, Qwen3-8B teacher, lambda = 1.25,
                OPD+ JSD, reward correction with the teacher's pre-RL base); needs accelerators.
-  multi_teacher two task-domain teachers (arithmetic, tool use) merged into one student.
+  multi_teacher two task-domain teachers (arithmetic, tool use) merged into one student (models
+               and data built by `python -m experiments.multi_teacher`).
 
 Every field is documented in README.md ("Config knobs"). The config is locked: a typo in an
 override is an error that suggests the nearest valid name.
@@ -174,13 +175,22 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
         c.eval.num_samples = 8
         c.eval.temperature = 0.6
     elif arg == "multi_teacher":
+        # Two task-domain teachers merged into one student, as `python -m
+        # experiments.multi_teacher` builds them: rows are routed by the data's `teacher` field.
         c = get_config("cpu").unlock()
-        models = "runs/models"
+        root = "runs/experiments/cache/multi_teacher"
+        c.student.path = f"{root}/models/base"
+        c.tokenizer_path = f"{root}/models/tokenizer"
         del c.teachers["default"]
-        c.teachers.arithmetic = _teacher(f"{models}/teacher", reward_scale=1.0, reference="none")
-        c.teachers.tool_use = _teacher(
-            f"{models}/teacher_tools", reward_scale=1.0, reference="none"
-        )
+        for domain in ("arithmetic", "tool_use"):
+            c.teachers[domain] = _teacher(
+                f"{root}/models/teacher_{domain}", reward_scale=1.0, reference="none"
+            )
+        c.data.train_path = f"{root}/data/train.jsonl"
+        c.data.eval_path = f"{root}/data/test.jsonl"
+        c.rollout.max_prompt_len = 40  # tool-use prompts are longer, and so are the calls
+        c.rollout.max_new_tokens = 52
+        c.eval.max_new_tokens = 52
     else:
         raise ValueError(
             f"unknown preset {arg!r}; valid: cpu, strong_to_weak, qwen3_exopd, multi_teacher"

@@ -152,36 +152,42 @@ if runs:
 # Stop-grad uses the advantage −f(u); OPD+ uses u f′(u) − f(u), the unbiased per-token
 # gradient of E_π[f(u)]. For reverse KL the two differ by a zero-mean constant. The claim under
 # test: OPD+ beats stop-grad for the other divergences. The paired difference (same seed, so the
-# same prompt order) removes the seed-to-seed variation shared by both corrections.
+# same prompt order) removes the seed-to-seed variation shared by both corrections. The second
+# pass shows the leave-one-out baseline variant (`--set estimator.baseline=loo`) when it exists.
 
 # %%
-name = "divergences"
-runs, refs = load(name), load(name, "references.csv")
-if runs:
-    print(f"## {name}\n")
-    table(runs, ["accuracy", "kl_per_token", "train_kl_per_token"], refs)
-    divs = list(dict.fromkeys(r["divergence"] for r in runs))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for ax, key in zip(axes, ["accuracy", "kl_per_token"], strict=True):
-        for j, corr in enumerate(["stop_grad", "opd_plus"]):
-            ms = [stats(runs, f"{d} {corr}", key) for d in divs]
-            x = np.arange(len(divs)) + (j - 0.5) * 0.38
-            ax.bar(x, [m[0] for m in ms], 0.38, yerr=[m[1] for m in ms], capsize=3, label=corr)
-        for i, ref in enumerate(refs):
-            ax.axhline(ref[key], color="gray", ls=("--", ":")[i % 2], label=ref["label"])
-        ax.set_xticks(np.arange(len(divs)), divs)
-        ax.set(ylabel=key)
-        ax.legend(fontsize=7)
-    fig.suptitle("Divergence × correction (mean ± std over seeds)")
-    save(fig, name)
-    paired = load(name, "paired_difference.csv")
-    print("| divergence | Δ accuracy, OPD+ − stop-grad | Δ KL/token | seeds |\n|---|---|---|---|")
-    for p in paired:
+for name in (
+    "divergences",
+    "divergences_baseline-loo",
+):  # the plain runs, then a leave-one-out baseline
+    runs, refs = load(name), load(name, "references.csv")
+    if runs:
+        print(f"## {name}\n")
+        table(runs, ["accuracy", "kl_per_token", "train_kl_per_token"], refs)
+        divs = list(dict.fromkeys(r["divergence"] for r in runs))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        for ax, key in zip(axes, ["accuracy", "kl_per_token"], strict=True):
+            for j, corr in enumerate(["stop_grad", "opd_plus"]):
+                ms = [stats(runs, f"{d} {corr}", key) for d in divs]
+                x = np.arange(len(divs)) + (j - 0.5) * 0.38
+                ax.bar(x, [m[0] for m in ms], 0.38, yerr=[m[1] for m in ms], capsize=3, label=corr)
+            for i, ref in enumerate(refs):
+                ax.axhline(ref[key], color="gray", ls=("--", ":")[i % 2], label=ref["label"])
+            ax.set_xticks(np.arange(len(divs)), divs)
+            ax.set(ylabel=key)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Divergence × correction, {name} (mean ± std over seeds)")
+        save(fig, name)
+        paired = load(name, "paired_difference.csv")
         print(
-            f"| {p['divergence']} | {p['accuracy_mean']:+.3f} ± {p['accuracy_std']:.3f} | "
-            f"{p['kl_per_token_mean']:+.4f} ± {p['kl_per_token_std']:.4f} | {int(p['n'])} |"
+            "| divergence | Δ accuracy, OPD+ − stop-grad | Δ KL/token | seeds |\n|---|---|---|---|"
         )
-    print()
+        for p in paired:
+            print(
+                f"| {p['divergence']} | {p['accuracy_mean']:+.3f} ± {p['accuracy_std']:.3f} | "
+                f"{p['kl_per_token_mean']:+.4f} ± {p['kl_per_token_std']:.4f} | {int(p['n'])} |"
+            )
+        print()
 
 # %% [markdown]
 # ## (c) Token vs sequence level, discount γ
@@ -189,23 +195,23 @@ if runs:
 # Token level with γ = 0 follows the "myopic" per-context gradient; γ = 1 the gradient of the
 # sum of per-token divergences (unbiased, higher variance); sequence level gives every token
 # the same advantage from the whole sequence's ratio Π u_t (unbiased for the sequence-level
-# divergence, highest variance).
+# divergence, highest variance). Again with the leave-one-out baseline variant when it exists.
 
 # %%
-name = "levels"
-runs, refs = load(name), load(name, "references.csv")
-if runs:
-    print(f"## {name}\n")
-    table(runs, ["accuracy", "kl_per_token", "train_kl_per_token"], refs)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    curves(axes[0], name, refs=refs)
-    names = labels(runs)
-    ms = [stats(runs, label, "kl_per_token") for label in names]
-    axes[1].bar(range(len(names)), [m[0] for m in ms], yerr=[m[1] for m in ms], capsize=3)
-    axes[1].set_xticks(range(len(names)), names, rotation=30, ha="right")
-    axes[1].set(ylabel="KL(student ‖ teacher) per token")
-    fig.suptitle("Levels and discount")
-    save(fig, name)
+for name in ("levels", "levels_baseline-loo"):  # the plain runs, then a leave-one-out baseline
+    runs, refs = load(name), load(name, "references.csv")
+    if runs:
+        print(f"## {name}\n")
+        table(runs, ["accuracy", "kl_per_token", "train_kl_per_token"], refs)
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        curves(axes[0], name, refs=refs)
+        names = labels(runs)
+        ms = [stats(runs, label, "kl_per_token") for label in names]
+        axes[1].bar(range(len(names)), [m[0] for m in ms], yerr=[m[1] for m in ms], capsize=3)
+        axes[1].set_xticks(range(len(names)), names, rotation=30, ha="right")
+        axes[1].set(ylabel="KL(student ‖ teacher) per token")
+        fig.suptitle(f"Levels and discount, {name}")
+        save(fig, name)
 
 # %% [markdown]
 # ## (d) Multi-teacher merging

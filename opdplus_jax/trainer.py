@@ -218,7 +218,9 @@ def _update(setup: Setup, config, opt, state, batch):
     return state, {**stats, **out}
 
 
-def _eval_set(config, tokenizer) -> tuple[list[dict], list[list[int]]]:
+def eval_set(config, tokenizer) -> tuple[list[dict], list[list[int]]]:
+    """The first `eval.num_prompts` held-out examples (answer, task, domain) and their prompt
+    token ids, in file order; empty without `data.eval_path`."""
     if not config.data.eval_path:
         return [], []
     pipe = data.PromptPipeline(
@@ -300,7 +302,7 @@ def train_and_evaluate(
         teachers=setup.teacher_names if len(setup.teacher_names) > 1 else None,
         system_prompt=config.data.system_prompt,
     )
-    examples, eval_prompts = _eval_set(config, setup.tokenizer)
+    examples, eval_prompts = eval_set(config, setup.tokenizer)
     ckpt = checkpoint.CheckpointManager(
         os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
     )
@@ -423,7 +425,7 @@ def evaluate_checkpoint(config: config_dict.ConfigDict, workdir: str | None) -> 
         if restored is None:
             raise FileNotFoundError(f"no complete checkpoint under {workdir}/checkpoints")
         params = restored.params
-    examples, prompts = _eval_set(config, setup.tokenizer)
+    examples, prompts = eval_set(config, setup.tokenizer)
     if not examples:
         raise ValueError("data.eval_path is not set: nothing to evaluate")
     start = time.perf_counter()

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from opdplus_jax import data, evaluation, metrics, train_step
+from opdplus_jax import evaluation, metrics, train_step, trainer
 from opdplus_jax.tokenizer import Tokenizer
 
 
@@ -17,25 +17,11 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _eval_prompts(tok: Tokenizer, config) -> tuple[list[dict], list[list[int]]]:
-    pipe = data.PromptPipeline(
-        config.data.eval_path, tok, batch_size=1, max_prompt_len=config.rollout.max_prompt_len,
-        shuffle=False, num_epochs=1, drop_remainder=False, system_prompt=config.data.system_prompt,
-    )  # fmt: skip
-    examples, prompts = [], []
-    for batch in pipe:
-        examples.append({k: batch[k][0] for k in ("answer", "task", "domain")})
-        prompts.append(batch["prompt_tokens"][0])
-        if len(examples) >= config.eval.num_prompts:
-            break
-    return examples, prompts
-
-
 def evaluate_model(model, tok: Tokenizer, config, teacher=None) -> dict[str, float]:
     """Greedy held-out accuracy (as the trainer's eval); with `teacher`, also KL(model ||
     teacher) per token: k1 on the model's own samples at temperature 1, as the trainer's
     `kl_per_token`."""
-    examples, prompts = _eval_prompts(tok, config)
+    examples, prompts = trainer.eval_set(config, tok)
     kw = {"max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size}
     out = evaluation.evaluate_policy(model, tok, examples, prompts, temperature=0.0, **kw)
     result = {"accuracy": out["accuracy"], "num_problems": len(examples)}

@@ -319,6 +319,21 @@ METRIC_COLUMNS = (
 )
 
 
+def run_meta(args, description: str, settings, overrides: dict, t0: float, built: dict) -> dict:
+    """meta.json of an experiment: what ran (settings, overrides, seeds), wall time, machine load
+    and how its models were obtained (`built`: per model stage, cached or not and a figure)."""
+    return {
+        "description": description,
+        "settings": dataclasses.asdict(settings),
+        "overrides": overrides,
+        "seeds": args.seeds,
+        "quick": args.quick,
+        "wall_seconds": time.perf_counter() - t0,
+        "load_average": list(os.getloadavg()),
+        "built": built,
+    }
+
+
 def demo_experiment(
     args,
     variants: Sequence[Variant],
@@ -352,17 +367,8 @@ def demo_experiment(
               [("accuracy", "held-out accuracy"), ("kl_per_token", "KL(student‖teacher)/token")],
               refs={r["label"]: r for r in refs}, title=args.name)  # fmt: skip
     table = summary_table(summary, ["label", *columns], METRIC_COLUMNS, refs)
-    meta = {
-        "description": description,
-        "settings": dataclasses.asdict(settings),
-        "overrides": base_overrides,
-        "seeds": args.seeds,
-        "quick": args.quick,
-        "wall_seconds": time.perf_counter() - t0,
-        "load_average": list(os.getloadavg()),
-        "built": {
-            k: {"cached": v["cached"], "accuracy": v["eval"]["accuracy"]} for k, v in built.items()
-        },
-    }
+    built_info = {k: {"cached": v["cached"], "accuracy": v["eval"]["accuracy"]}
+                  for k, v in built.items()}  # fmt: skip
+    meta = run_meta(args, description, settings, base_overrides, t0, built_info)
     return {"runs": runs, "curves": curves, "summary": summary, "refs": refs, "table": table,
             "meta": meta}  # fmt: skip

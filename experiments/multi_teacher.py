@@ -159,16 +159,8 @@ def main(argv=None) -> dict:
         [(f"{d}_accuracy", f"{d} accuracy") for d in DOMAINS],
         refs={r["label"]: r for r in refs}, title="Multi-teacher merging",
     )  # fmt: skip
-    meta = {
-        "description": __doc__.split("\n\n")[2],
-        "settings": dataclasses.asdict(settings),
-        "overrides": base_overrides,
-        "seeds": args.seeds,
-        "quick": args.quick,
-        "wall_seconds": time.perf_counter() - t0,
-        "load_average": list(os.getloadavg()),
-        "built": {k: {"cached": v["cached"], "seconds": v["seconds"]} for k, v in built.items()},
-    }
+    built_info = {k: {"cached": v["cached"], "seconds": v["seconds"]} for k, v in built.items()}
+    meta = common.run_meta(args, __doc__.split("\n\n")[2], settings, base_overrides, t0, built_info)
     tables = {"Per-domain held-out accuracy and KL to the domain's teacher": table}
     outputs.write_results(args, tables, meta)
     return {"runs": runs, "curves": curves, "summary": summary, "refs": refs}

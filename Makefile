@@ -1,10 +1,13 @@
 # Common developer commands. Every target sets up .venv first (cheap when already done).
 PY := .venv/bin/python
 
-.PHONY: setup test test-all lint format demo report bench clean
+.PHONY: setup lock test test-all lint format demo report bench clean
 
-setup:
+setup:  ## .venv with the exact versions of requirements.lock, and the package (editable)
 	@bash scripts/setup.sh
+
+lock:  ## re-resolve requirements.lock from setup.py's ranges (then: make test, make demo)
+	@bash scripts/lock.sh
 
 test: setup  ## two workers; tests of one file share a worker (module fixtures)
 	$(PY) -m pytest -q -n 2 --dist loadfile

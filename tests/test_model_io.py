@@ -57,7 +57,10 @@ def test_export_matches_what_transformers_wrote(family, tmp_path):
     with open(os.path.join(tmp_path, "config.json")) as f:
         config = json.load(f)
     assert sorted(config) == reference["config_keys"]
-    assert config == reference["config"]
+    # `transformers_version` records which library release wrote the file, not the model: the
+    # export writes the installed one, the reference the one the fixtures were made with.
+    version_free = lambda d: {k: v for k, v in d.items() if k != "transformers_version"}
+    assert version_free(config) == version_free(reference["config"])
     # Our load of our export is identical to the original load.
     again = models.from_pretrained(tmp_path)
     a, b = _params(model), _params(again)

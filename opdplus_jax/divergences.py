@@ -19,6 +19,9 @@ caps the exponent at ``log(finfo(dtype).max) - 16`` (about 72.7 in float32, 693.
 Below the cap the value is exact; above it the value saturates at a large finite number (about
 1.5e31 in float32), so that a sum over 2^16 saturated tokens is still finite. No output is ever
 inf or NaN for finite input. Inputs in a dtype narrower than float32 (bf16) are upcast to float32.
+
+Divergence classes are registered by name in `REGISTRY` (class decorator `register`); `get(name,
+**params)` builds one, so a newly registered class is usable by name everywhere.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from opdplus_jax.registry import Registry
+
 __all__ = [
+    "REGISTRY",
     "Divergence",
     "get",
     "names",
@@ -114,22 +120,19 @@ class Divergence:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[Divergence]] = {}
+REGISTRY: Registry[type[Divergence]] = Registry("divergence")
 
 
 def register(cls: type[Divergence]) -> type[Divergence]:
-    """Class decorator adding a Divergence subclass to the registry under `cls.name`."""
+    """Class decorator adding a Divergence subclass to `REGISTRY` under `cls.name`."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} must set a class attribute `name` to be registered")
-    if cls.name in _REGISTRY:
-        raise ValueError(f"a divergence named {cls.name!r} is already registered")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return REGISTRY.register(cls.name, cls)
 
 
 def names() -> tuple[str, ...]:
     """Names of all registered divergences, sorted."""
-    return tuple(sorted(_REGISTRY))
+    return REGISTRY.names()
 
 
 def get(name: str | Divergence, **params: float) -> Divergence:
@@ -142,9 +145,7 @@ def get(name: str | Divergence, **params: float) -> Divergence:
         if params:
             raise ValueError(f"parameters {sorted(params)} given with a Divergence instance {name}")
         return name
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(names())}")
-    cls = _REGISTRY[name]
+    cls = REGISTRY.get(name)
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(params) - set(valid))
     if unknown:
@@ -451,7 +452,7 @@ def describe() -> list[tuple[str, str, dict]]:
     """(name, formula, default parameters) for every registered divergence; for docs and CLIs."""
     rows = []
     for n in names():
-        cls = _REGISTRY[n]
+        cls = REGISTRY.get(n)
         defaults = {
             p.name: p.default
             for p in inspect.signature(cls).parameters.values()

@@ -23,14 +23,18 @@ shared/MATH.md and computed exactly by `opdplus_jax.analysis`. Masked positions 
 contribute: their log-ratios are zeroed before any arithmetic (a -inf or NaN teacher log-prob on
 padding cannot leak), and their advantages are exactly 0.
 
-Optional ``log_ratio_clip=c`` clamps each log u_t to [-c, c] (off by default; biased, see
-shared/MATH.md N5); `estimate` reports the fraction of response tokens it changed.
+Optional ``log_ratio_clip=c`` clamps each log u_t to [-c, c] (None, the default, is off; biased,
+see shared/MATH.md N5); `estimate` reports the fraction of response tokens it changed.
+
+Corrections (a = w_f or -f) and group baselines are looked up by name in the registries
+`CORRECTIONS` and `BASELINES`; registering a new entry makes it usable by name everywhere.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import jax
@@ -38,8 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from opdplus_jax import divergences
+from opdplus_jax.registry import Registry
 
 __all__ = [
+    "BASELINES",
     "CORRECTIONS",
     "LEVELS",
     "Estimate",
@@ -50,12 +56,28 @@ __all__ = [
     "reward_to_go",
 ]
 
-CORRECTIONS = ("opd_plus", "stop_grad")
 LEVELS = ("token", "sequence")
-BASELINES = ("loo", "mean", "mean_std")
-
-Correction = Literal["opd_plus", "stop_grad"]
 Level = Literal["token", "sequence"]
+
+# a(divergence, log_u): the per-token advantage a correction assigns to a log-ratio (any shape).
+CorrectionFn = Callable[[divergences.Divergence, jax.Array], jax.Array]
+# b(adv_GNT, fm_GNT, eps): advantages minus a baseline, for G groups of N samples of T tokens.
+BaselineFn = Callable[[jax.Array, jax.Array, float], jax.Array]
+
+CORRECTIONS: Registry[CorrectionFn] = Registry("correction")
+BASELINES: Registry[BaselineFn] = Registry("baseline")
+
+
+@CORRECTIONS.register("opd_plus")
+def opd_plus(divergence: divergences.Divergence, log_u: jax.Array) -> jax.Array:
+    """w_f(u) = u f'(u) - f(u): the OPD+ advantage, unbiased for every f."""
+    return divergence.opd_plus_advantage(log_u)
+
+
+@CORRECTIONS.register("stop_grad")
+def stop_grad(divergence: divergences.Divergence, log_u: jax.Array) -> jax.Array:
+    """-f(u): the reward taken as a constant, unbiased only for reverse KL."""
+    return divergence.stop_grad_advantage(log_u)
 
 
 class Estimate(NamedTuple):
@@ -80,8 +102,7 @@ def _check_arrays(student_logp, teacher_logp, mask, ref_logp):
 
 
 def _check_config(correction, level, discount, reward_scale, ref_logp, log_ratio_clip):
-    if correction not in CORRECTIONS:
-        raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+    CORRECTIONS.get(correction)  # an unknown name raises, listing the valid ones
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     if not (isinstance(discount, int | float) and 0.0 <= discount <= 1.0):
@@ -189,11 +210,7 @@ def _estimate(
         num_valid = jnp.maximum(valid.sum(), 1)
         clip_fraction = ((log_u != raw) & valid).sum() / num_valid
     fm = valid.astype(log_u.dtype)
-    advantage_fn = (
-        divergence.opd_plus_advantage
-        if correction == "opd_plus"
-        else divergence.stop_grad_advantage
-    )
+    advantage_fn = functools.partial(CORRECTIONS.get(correction), divergence)
     reward = -divergence.f(log_u) * fm
 
     if level == "sequence":
@@ -213,7 +230,7 @@ def estimate(
     mask: jax.Array,
     *,
     divergence: str | divergences.Divergence = "reverse_kl",
-    correction: Correction = "opd_plus",
+    correction: str = "opd_plus",
     level: Level = "token",
     discount: float = 0.0,
     reward_scale: float = 1.0,
@@ -245,7 +262,7 @@ def advantages(
     mask: jax.Array,
     *,
     divergence: str | divergences.Divergence = "reverse_kl",
-    correction: Correction = "opd_plus",
+    correction: str = "opd_plus",
     level: Level = "token",
     discount: float = 0.0,
     reward_scale: float = 1.0,
@@ -260,12 +277,13 @@ def advantages(
         teacher. Compute both with the learner-side forward, not the rollout engine (MATH 5.2).
       mask: [B, T], 1 on response tokens (through EOS), 0 elsewhere.
       divergence: a registered name (`opdplus_jax.divergences.names()`) or a Divergence object.
-      correction: "opd_plus" (w_f(u) = u f'(u) - f(u), unbiased) or "stop_grad" (-f(u)).
+      correction: a `CORRECTIONS` name: "opd_plus" (w_f(u) = u f'(u) - f(u), unbiased) or
+        "stop_grad" (-f(u)).
       level: "token" or "sequence".
       discount: gamma in [0, 1] for the reward-to-go of later tokens' rewards (token level).
       reward_scale: lambda of G-OPD; != 1 needs `ref_logp`. 1.25 is ExOPD.
       ref_logp: [B, T] reference log-probs (student init, or the teacher's pre-RL base).
-      log_ratio_clip: clamp log u to [-c, c] (biased; off by default).
+      log_ratio_clip: clamp log u to [-c, c] (biased); None (the default) is off.
       discount_objective: scale step t by discount^t (unbiased for the discounted objective).
 
     Jit-able: config arguments are Python values; call under `jax.jit` with them bound.
@@ -285,17 +303,49 @@ def advantages(
     ).advantages
 
 
+@BASELINES.register("loo")
+def leave_one_out(adv: jax.Array, fm: jax.Array, eps: float) -> jax.Array:
+    """b_{i,t} = mean of A_{j,t} over the other samples j != i of the group still active at t.
+
+    It depends only on other, independent samples, so it is unbiased (shared/MATH.md 5.1).
+    """
+    del eps
+    if adv.shape[1] < 2:
+        raise ValueError("a leave-one-out baseline needs group_size >= 2")
+    total, count = adv.sum(axis=1, keepdims=True), fm.sum(axis=1, keepdims=True)
+    others = jnp.maximum(count - fm, 1.0)
+    return adv - (total - adv) / others
+
+
+@BASELINES.register("mean")
+def group_mean(adv: jax.Array, fm: jax.Array, eps: float) -> jax.Array:
+    """b = the group mean at t, the sample itself included: (n-1)/n times "loo"."""
+    del eps
+    total, count = adv.sum(axis=1, keepdims=True), fm.sum(axis=1, keepdims=True)
+    return adv - total / jnp.maximum(count, 1.0)
+
+
+@BASELINES.register("mean_std")
+def group_mean_std(adv: jax.Array, fm: jax.Array, eps: float) -> jax.Array:
+    """The "mean" baseline divided by the group std + eps (GRPO-style); biased in direction."""
+    centred = group_mean(adv, fm, eps)
+    count = fm.sum(axis=1, keepdims=True)
+    var = (jnp.square(centred) * fm).sum(axis=1, keepdims=True) / jnp.maximum(count, 1.0)
+    return centred / (jnp.sqrt(var) + eps)
+
+
 def group_baseline(
     advantages_BT: jax.Array,
     mask: jax.Array,
     group_size: int,
     *,
-    kind: Literal["loo", "mean", "mean_std"] = "loo",
+    kind: str = "loo",
     eps: float = 1e-6,
 ) -> jax.Array:
     """Subtracts a per-position group baseline from advantages of n samples per prompt.
 
-    Rows are grouped consecutively: rows [g*n, (g+1)*n) are the n samples of prompt g.
+    Rows are grouped consecutively: rows [g*n, (g+1)*n) are the n samples of prompt g. `kind`
+    names a `BASELINES` entry; a run without a baseline does not call this function.
 
     - "loo": b_{i,t} = mean of A_{j,t} over the other samples j != i of the group that are still
       active at t (0 if none). It depends only on other, independent samples, so it is unbiased
@@ -305,24 +355,11 @@ def group_baseline(
     - "mean_std": "mean", then divided by the group std (GRPO-style). BIASED: it changes the
       direction, not only the scale; offered for comparison.
     """
-    if kind not in BASELINES:
-        raise ValueError(f"kind must be one of {BASELINES}, got {kind!r}")
+    baseline = BASELINES.get(kind)
     advantages_BT = jnp.asarray(advantages_BT)
     b, t = advantages_BT.shape
     if group_size < 1 or b % group_size:
         raise ValueError(f"batch size {b} is not a multiple of group_size={group_size}")
-    if kind == "loo" and group_size < 2:
-        raise ValueError("a leave-one-out baseline needs group_size >= 2")
     fm = (jnp.asarray(mask) > 0).astype(advantages_BT.dtype).reshape(-1, group_size, t)
     adv = advantages_BT.reshape(-1, group_size, t) * fm
-    total, count = adv.sum(axis=1, keepdims=True), fm.sum(axis=1, keepdims=True)
-    if kind == "loo":
-        others = jnp.maximum(count - fm, 1.0)
-        centred = adv - (total - adv) / others
-    else:
-        mean = total / jnp.maximum(count, 1.0)
-        centred = adv - mean
-        if kind == "mean_std":
-            var = (jnp.square(centred) * fm).sum(axis=1, keepdims=True) / jnp.maximum(count, 1.0)
-            centred = centred / (jnp.sqrt(var) + eps)
-    return (centred * fm).reshape(b, t)
+    return (baseline(adv, fm, eps) * fm).reshape(b, t)

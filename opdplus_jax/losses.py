@@ -13,27 +13,53 @@ length of row b:
 | `token_mean`              | sum_b sum_t l / sum_b |y_b|        | biased (ratio, O(1/B)) |
 | `seq_mean_token_mean`     | mean_b (sum_t l / |y_b|)           | biased (|y| is random)  |
 
-With fixed-length responses all four are exact rescalings of each other.
+With fixed-length responses all four are exact rescalings of each other. Each is a function in
+the `AGGREGATIONS` registry; registering another makes it usable by name (`aggregation=`).
 """
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from opdplus_jax.registry import Registry
+
 __all__ = ["AGGREGATIONS", "LossStats", "aggregate", "pg_loss", "pg_loss_and_stats"]
 
-AGGREGATIONS = (
-    "seq_mean_token_sum_norm",
-    "seq_mean_token_sum",
-    "token_mean",
-    "seq_mean_token_mean",
-)
-Aggregation = Literal[
-    "seq_mean_token_sum_norm", "seq_mean_token_sum", "token_mean", "seq_mean_token_mean"
-]
+# A registered `AGGREGATIONS` name.
+Aggregation = str
+# agg(terms_BT, fm_BT, max_len): the scalar loss of masked per-token terms (zero off the mask).
+AggregationFn = Callable[[jax.Array, jax.Array, int | None], jax.Array]
+
+AGGREGATIONS: Registry[AggregationFn] = Registry("aggregation")
+
+
+@AGGREGATIONS.register("seq_mean_token_sum_norm")
+def seq_mean_token_sum_norm(terms: jax.Array, fm: jax.Array, max_len: int | None) -> jax.Array:
+    """Normaliser B * T (T = `max_len`, else the padded length): unbiased for grad J / T."""
+    b, t = terms.shape
+    return terms.sum() / (b * (t if max_len is None else max_len))
+
+
+@AGGREGATIONS.register("seq_mean_token_sum")
+def seq_mean_token_sum(terms: jax.Array, fm: jax.Array, max_len: int | None) -> jax.Array:
+    """Normaliser B: unbiased for grad J."""
+    return terms.sum() / terms.shape[0]
+
+
+@AGGREGATIONS.register("token_mean")
+def token_mean(terms: jax.Array, fm: jax.Array, max_len: int | None) -> jax.Array:
+    """Normaliser sum_b |y_b|, the number of response tokens: biased (a ratio, O(1/B))."""
+    return terms.sum() / jnp.maximum(fm.sum(), 1.0)
+
+
+@AGGREGATIONS.register("seq_mean_token_mean")
+def seq_mean_token_mean(terms: jax.Array, fm: jax.Array, max_len: int | None) -> jax.Array:
+    """Normaliser |y_b| per row, then the mean over rows: biased (|y| is random)."""
+    return (terms.sum(axis=-1) / jnp.maximum(fm.sum(axis=-1), 1.0)).mean()
 
 
 def aggregate(
@@ -43,19 +69,10 @@ def aggregate(
     *,
     max_len: int | None = None,
 ) -> jax.Array:
-    """Reduces per-token loss terms [B, T] to a scalar as `aggregation` prescribes (see module)."""
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    """Reduces per-token loss terms [B, T] to a scalar with the `AGGREGATIONS` entry named."""
+    reduce = AGGREGATIONS.get(aggregation)
     fm = (jnp.asarray(mask) > 0).astype(per_token_BT.dtype)
-    terms = per_token_BT * fm
-    b, t = terms.shape
-    if aggregation == "seq_mean_token_sum_norm":
-        return terms.sum() / (b * (t if max_len is None else max_len))
-    if aggregation == "seq_mean_token_sum":
-        return terms.sum() / b
-    if aggregation == "token_mean":
-        return terms.sum() / jnp.maximum(fm.sum(), 1.0)
-    return (terms.sum(axis=-1) / jnp.maximum(fm.sum(axis=-1), 1.0)).mean()
+    return reduce(per_token_BT * fm, fm, max_len)
 
 
 class LossStats(NamedTuple):
@@ -85,7 +102,7 @@ def pg_loss_and_stats(
     when the rollout was scored; defaults to sg(logp), so r = 1 with gradient grad log pi):
 
         l_t = -w_t * min(r A_t, clip(r, 1 - eps, 1 + eps) A_t)     (PPO, eps = `ppo_clip`)
-        l_t = -w_t * r A_t                                          (no clipping)
+        l_t = -w_t * r A_t                                          (ppo_clip=None)
 
     w_t = min(pi_old / mu, C) is the truncated importance weight (TIS) between the learner and
     the behaviour policy mu that sampled the tokens (`behaviour_logp`, e.g. the sampler's
@@ -93,13 +110,15 @@ def pg_loss_and_stats(
     At r = 1 the PPO gradient equals the unclipped one (shared/MATH.md 5.2); TIS is biased iff
     some weight exceeds C (5.3). Advantages and weights are constants (stop-gradient).
     """
+    if ppo_clip is not None and not ppo_clip > 0:
+        raise ValueError(f"ppo_clip must be None (off) or a positive float, got {ppo_clip!r}")
     fm = (jnp.asarray(mask) > 0).astype(jnp.float32)
     count = jnp.maximum(fm.sum(), 1.0)
     adv = jax.lax.stop_gradient(advantages)
     old = jax.lax.stop_gradient(logp if old_logp is None else old_logp)
     log_ratio = jnp.where(fm > 0, logp - old, 0.0)
     ratio = jnp.exp(log_ratio)
-    if ppo_clip is not None and ppo_clip > 0:
+    if ppo_clip is not None:
         clipped = jnp.clip(ratio, 1.0 - ppo_clip, 1.0 + ppo_clip)
         surrogate = jnp.minimum(ratio * adv, clipped * adv)
         clip_active = (clipped * adv < ratio * adv) & (fm > 0)

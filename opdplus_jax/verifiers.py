@@ -2,7 +2,7 @@
 
 `verify(response, example_or_answer, task=None)` picks a verifier, in this order:
 
-1. a verifier registered with `register(name, fn)` under the task name;
+1. a verifier registered with `register(name, fn)` (in `VERIFIERS`) under the task name;
 2. the synthetic task's exact verifier (`opdplus_jax.tasks`) if the task name is registered
    there (``tool_use`` executes the JSON call);
 3. a verifier registered under the example's domain; domain ``tool_use``: tool-call execution;
@@ -33,14 +33,15 @@ from typing import Any
 import numpy as np
 
 from opdplus_jax import tasks
-from opdplus_jax.tasks.base import Example, answer_of, final_answer
+from opdplus_jax.registry import Registry
+from opdplus_jax.tasks.base import Example, Task, answer_of, final_answer
 
 logger = logging.getLogger(__name__)
 
 MATH_TIMEOUT_SECONDS = 5
 MAX_RESPONSE_CHARS = 10_000
 VerifierFn = Callable[[str, Any], float]
-_REGISTERED: dict[str, VerifierFn] = {}
+VERIFIERS: Registry[VerifierFn] = Registry("verifier")
 
 
 # ---------------------------------------------------------------------------------------- stats
@@ -131,18 +132,18 @@ class VerifierStats:
 
 def register(name: str, fn: VerifierFn, *, overwrite: bool = False) -> None:
     """Register `fn(response_text, example) -> float` for a task name or a domain."""
-    if name in _REGISTERED and not overwrite:
-        raise ValueError(f"a verifier is already registered for {name!r} (pass overwrite=True)")
-    _REGISTERED[name] = fn
+    VERIFIERS.register(name, fn, overwrite=overwrite)
 
 
 def unregister(name: str) -> None:
-    _REGISTERED.pop(name, None)
+    """Remove the verifier registered under `name`, if any."""
+    if name in VERIFIERS:
+        VERIFIERS.unregister(name)
 
 
 @functools.cache
-def _task_verifier(name: str) -> VerifierFn:
-    return tasks.get(name).verify
+def _task_verifier(task_cls: type[Task]) -> VerifierFn:
+    return task_cls().verify
 
 
 def _field(example: Any, name: str) -> Any:
@@ -155,14 +156,14 @@ def resolve(example: Any = None, *, task: str | None = None) -> tuple[str, Verif
     """The (key, verifier) that `verify` would use for this example / task name."""
     task = task or _field(example, "task")
     domain = _field(example, "domain")
-    if task and task in _REGISTERED:
-        return task, _REGISTERED[task]
-    if task and task in tasks.names():
-        return task, _task_verifier(task)
-    if domain and domain in _REGISTERED:
-        return domain, _REGISTERED[domain]
+    if task and task in VERIFIERS:
+        return task, VERIFIERS.get(task)
+    if task and task in tasks.TASKS:
+        return task, _task_verifier(tasks.TASKS.get(task))
+    if domain and domain in VERIFIERS:
+        return domain, VERIFIERS.get(domain)
     if domain == "tool_use":
-        return "tool_use", _task_verifier("tool_use")
+        return "tool_use", _task_verifier(tasks.TASKS.get("tool_use"))
     return "math", math_verifier
 
 

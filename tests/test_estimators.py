@@ -201,7 +201,7 @@ def test_estimate_reports_rewards():
     ("kwargs", "match"),
     [
         ({"divergence": "klx"}, "unknown divergence"),
-        ({"correction": "exact"}, "correction must be one of"),
+        ({"correction": "exact"}, "unknown correction 'exact'; valid names: opd_plus, stop_grad"),
         ({"level": "seq"}, "level must be one of"),
         ({"discount": 1.5}, r"discount must be a Python float in \[0, 1\]"),
         ({"level": "sequence", "discount": 0.5}, "no meaning at level='sequence'"),
@@ -250,5 +250,5 @@ class TestGroupBaseline:
             estimators.group_baseline(adv, mask, 4)
         with pytest.raises(ValueError, match="group_size >= 2"):
             estimators.group_baseline(adv, mask, 1)
-        with pytest.raises(ValueError, match="kind must be one of"):
+        with pytest.raises(ValueError, match="unknown baseline 'std'; valid names: loo, mean"):
             estimators.group_baseline(adv, mask, 2, kind="std")

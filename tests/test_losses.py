@@ -40,8 +40,15 @@ def test_seq_mean_token_mean_by_hand():
 
 def test_unknown_aggregation():
     logp, adv, mask = _batch()
-    with pytest.raises(ValueError, match="aggregation must be one of"):
+    with pytest.raises(ValueError, match="unknown aggregation 'mean'; valid names: seq_mean_"):
         losses.pg_loss(logp, adv, mask, aggregation="mean")
+
+
+@pytest.mark.parametrize("ppo_clip", [0.0, -0.2])
+def test_ppo_clip_off_is_none_only(ppo_clip):
+    logp, adv, mask = _batch()
+    with pytest.raises(ValueError, match="ppo_clip must be None"):
+        losses.pg_loss(logp, adv, mask, ppo_clip=ppo_clip)
 
 
 def test_surrogate_gradient_is_minus_advantage_times_score():

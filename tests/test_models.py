@@ -297,7 +297,10 @@ def test_config_missing_key_names_file_and_key(tmp_path):
 
 
 def test_config_unsupported_model_type(tmp_path):
-    with pytest.raises(NotImplementedError, match=r"config\.json.*'gpt2'.*supported"):
+    valid = "valid names: llama, qwen2, qwen3"
+    with pytest.raises(
+        NotImplementedError, match=rf"config\.json: unknown model_type 'gpt2'; {valid}"
+    ):
         models.load_config(_write(tmp_path, _hf_config(model_type="gpt2")))
 
 

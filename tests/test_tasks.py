@@ -27,7 +27,7 @@ def _corrupt(answer: str) -> str:
 
 def test_registry():
     assert set(NAMES) == {"addition", "multiplication", "modular", "sort", "reverse", "tool_use"}
-    with pytest.raises(ValueError, match="valid tasks: addition"):
+    with pytest.raises(ValueError, match="unknown task 'division'; valid names: addition"):
         tasks.get("division")
     with pytest.raises(ValueError, match=r"no parameter.*max_digits=3"):
         tasks.get("addition", digits=3)
@@ -172,7 +172,7 @@ def test_make_data_cli_and_jsonl(tmp_path, capsys):
     assert [e.to_dict() for e in again] == rows
     with pytest.raises(SystemExit):
         make_data.main(["--task", "nope", "--split", "train", "--n", "1", "--out", str(out)])
-    assert "valid tasks" in capsys.readouterr().err
+    assert "valid names: addition" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from opdplus_jax import sharding as shd
-from opdplus_jax.models.config import ARCHITECTURES, ModelConfig, load_config
+from opdplus_jax.models.config import ModelConfig, load_config
 from opdplus_jax.models.transformer import CausalLM
 
 SAFETENSORS = "model.safetensors"
@@ -291,6 +291,6 @@ def _save_config(cfg: ModelConfig, param_dtype: Any, folder: str) -> None:
     for key in ("transformers_version", "_name_or_path", "torch_dtype"):
         d.pop(key, None)
     hf = transformers.CONFIG_MAPPING[cfg.model_type].from_dict(d)
-    hf.architectures = [ARCHITECTURES[cfg.model_type]]
+    hf.architectures = [cfg.family.architecture]
     hf.dtype = jnp.dtype(param_dtype).name
     hf.save_pretrained(folder)

@@ -3,9 +3,9 @@
 `ModelConfig` is hashable (it lives in the static part of an NNX graphdef) and describes only the
 network. How the network is laid out on devices is a separate concern (`opdplus_jax.sharding`).
 
-Supported `model_type`s: `qwen3` (q/k RMSNorm), `qwen2` (q/k/v biases), `llama` (Llama 2/3.x,
-including `rope_type="llama3"`). `qwen3_moe` (mixture of experts) is planned and raises
-`NotImplementedError`.
+Supported `model_type`s are the rows of `families.FAMILIES`: `qwen3` (q/k RMSNorm), `qwen2`
+(q/k/v biases), `llama` (Llama 2/3.x, including `rope_type="llama3"`). `qwen3_moe` (mixture of
+experts) is planned and raises `NotImplementedError`.
 """
 
 from __future__ import annotations
@@ -15,14 +15,10 @@ import json
 import os
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
+from opdplus_jax.models.families import FAMILIES, ModelFamily
+
 PLANNED_MODEL_TYPES = {"qwen3_moe": "Qwen3-MoE (mixture-of-experts)"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-ARCHITECTURES = {
-    "qwen3": "Qwen3ForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "llama": "LlamaForCausalLM",
-}
 _REQUIRED_KEYS = (
     "vocab_size",
     "hidden_size",
@@ -69,6 +65,11 @@ class ModelConfig:
     hf_config_json: str = dataclasses.field(default="", compare=False, repr=False)
 
     @property
+    def family(self) -> ModelFamily:
+        """The `FAMILIES` row of `model_type`."""
+        return FAMILIES.get(self.model_type)
+
+    @property
     def num_groups(self) -> int:
         """Query heads per key/value head (GQA group size)."""
         return self.num_heads // self.num_kv_heads
@@ -105,7 +106,7 @@ class ModelConfig:
             **dict(self.rope_params),
         }
         out: dict[str, Any] = {
-            "architectures": [ARCHITECTURES[self.model_type]],
+            "architectures": [self.family.architecture],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -125,10 +126,7 @@ class ModelConfig:
             else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         }
-        if self.model_type in ("qwen3", "llama"):
-            out["attention_bias"] = self.qkv_bias
-        if self.model_type == "llama":
-            out["mlp_bias"] = self.mlp_bias
+        out.update(self.family.config_keys(self))
         return out
 
 
@@ -183,12 +181,12 @@ def config_from_hf(hf: Any, where: str = "config") -> ModelConfig:
             f"{where}: model_type {model_type!r} ({PLANNED_MODEL_TYPES[model_type]}) is planned "
             "but not implemented yet"
         )
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise NotImplementedError(
-            f"{where}: unsupported model_type {model_type!r} (supported: {SUPPORTED_MODEL_TYPES})"
-        )
+    try:
+        family = FAMILIES.get(model_type)
+    except ValueError as e:  # the registry's message, with the valid names
+        raise NotImplementedError(f"{where}: {e}") from e
     archs = getattr(hf, "architectures", None) or []
-    expected = ARCHITECTURES[model_type]
+    expected = family.architecture
     if archs and expected not in archs:
         raise NotImplementedError(
             f"{where}: unsupported architectures {archs} for model_type {model_type!r} "
@@ -212,7 +210,6 @@ def config_from_hf(hf: Any, where: str = "config") -> ModelConfig:
             f"{where}: num_attention_heads={num_heads} is not a multiple of {num_kv_heads=}"
         )
     theta, rope_type, rope_params = _rope(hf, where)
-    attention_bias = bool(getattr(hf, "attention_bias", False))
     hf_json = hf.to_json_string(use_diff=False) if hasattr(hf, "to_json_string") else ""
     return ModelConfig(
         model_type=model_type,
@@ -229,10 +226,7 @@ def config_from_hf(hf: Any, where: str = "config") -> ModelConfig:
         rope_params=rope_params,
         max_position_embeddings=int(getattr(hf, "max_position_embeddings", 32768)),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        qkv_bias=True if model_type == "qwen2" else attention_bias,
-        o_bias=attention_bias if model_type in ("qwen3", "llama") else False,
-        mlp_bias=bool(getattr(hf, "mlp_bias", False)) if model_type == "llama" else False,
-        qk_norm=model_type == "qwen3",
+        **family.switches(hf),
         bos_token_id=_ids(getattr(hf, "bos_token_id", None)),
         eos_token_id=_ids(getattr(hf, "eos_token_id", None)),
         pad_token_id=_ids(getattr(hf, "pad_token_id", None)),
@@ -257,7 +251,7 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type is None:
         raise ValueError(f"{path}: missing required config key 'model_type'")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in FAMILIES:
         config_from_hf(_Namespace(raw), where=path)  # raises the model_type error
     missing = [k for k in _REQUIRED_KEYS if k not in raw]
     if missing:  # checked on the raw file: AutoConfig would silently fill in defaults

@@ -5,8 +5,9 @@
     train = task.generate("train", 1000, seed=0)   # list[Example], deterministic
     task.verify(response_text, train[0])            # 1.0 / 0.0
 
-Registered names: see `names()`. `make_data` writes a split to JSONL; `tokenizer` builds the
-character-level tokenizer that covers every task's alphabet.
+Tasks are looked up by name in the `TASKS` registry (`names()`): a new task is a `Task`
+subclass registered under its `name` with `@TASKS.register`. `make_data` writes a split to
+JSONL; `tokenizer` builds the character-level tokenizer that covers every task's alphabet.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from opdplus_jax.tasks.arithmetic import Addition, ModularChain, Multiplication
 from opdplus_jax.tasks.base import (
     ANSWER_MARKER,
     SPLITS,
+    TASKS,
     Example,
     Task,
     answer_of,
@@ -27,14 +29,10 @@ from opdplus_jax.tasks.base import (
 from opdplus_jax.tasks.sequences import ReverseString, SortList
 from opdplus_jax.tasks.tool_use import TOOLS, ToolCallError, ToolUse, execute_call, parse_call
 
-_REGISTRY: dict[str, type[Task]] = {
-    cls.name: cls
-    for cls in (Addition, Multiplication, ModularChain, SortList, ReverseString, ToolUse)
-}
-
 __all__ = [
     "ANSWER_MARKER",
     "SPLITS",
+    "TASKS",
     "TOOLS",
     "Addition",
     "Example",
@@ -58,23 +56,17 @@ __all__ = [
 
 def names() -> list[str]:
     """Registered task names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def _task_class(name: str) -> type[Task]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(names())}")
-    return _REGISTRY[name]
+    return list(TASKS.names())
 
 
 def knobs(name: str) -> dict[str, Any]:
     """The task's parameters (difficulty knobs and common ones) with their defaults."""
-    return {f.name: f.default for f in dataclasses.fields(_task_class(name))}
+    return {f.name: f.default for f in dataclasses.fields(TASKS.get(name))}
 
 
 def get(name: str, **params: Any) -> Task:
     """An instance of task `name` with knob overrides; unknown names or knobs raise ValueError."""
-    cls = _task_class(name)
+    cls = TASKS.get(name)
     valid = knobs(name)
     unknown = sorted(set(params) - set(valid))
     if unknown:

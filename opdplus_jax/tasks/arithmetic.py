@@ -17,7 +17,7 @@ import dataclasses
 import random
 from typing import ClassVar
 
-from opdplus_jax.tasks.base import Example, Task
+from opdplus_jax.tasks.base import TASKS, Example, Task
 
 
 def _number(rng: random.Random, digits: int) -> int:
@@ -34,6 +34,7 @@ def _is_int(text: str) -> bool:
     return text.lstrip("-").isdigit()
 
 
+@TASKS.register
 @dataclasses.dataclass(frozen=True)
 class Addition(Task):
     """a + b with a and b of `min_digits`..`max_digits` digits; one line per column."""
@@ -69,6 +70,7 @@ def addition_steps(a: int, b: int) -> str:
     return "\n".join([*lines, f"#### {a + b}"])
 
 
+@TASKS.register
 @dataclasses.dataclass(frozen=True)
 class Multiplication(Task):
     """a * m with a of `min_digits`..`max_digits` digits and a 1-digit multiplier m."""
@@ -104,6 +106,7 @@ def multiplication_steps(a: int, m: int) -> str:
     return "\n".join([*lines, f"#### {a * m}"])
 
 
+@TASKS.register
 @dataclasses.dataclass(frozen=True)
 class ModularChain(Task):
     """A left-nested chain ((x op y) op z) mod m of +, -, * reduced each step."""

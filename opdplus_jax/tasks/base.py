@@ -6,7 +6,8 @@ Every synthetic task draws random problems from a seeded generator. A problem be
 problem can appear in any train set, whatever the seeds and sizes. Within one ``generate`` call
 problems are unique unless ``unique=False`` (small problem spaces would otherwise run out).
 
-Worked solutions end with a final line ``#### <answer>``; `final_answer` extracts it.
+Worked solutions end with a final line ``#### <answer>``; `final_answer` extracts it. Task
+classes are registered in `TASKS` under their `name` (``@TASKS.register`` on the class).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import random
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
+from opdplus_jax.registry import Registry
+
 SPLITS = ("train", "test")
 ANSWER_MARKER = "####"
 JSONL_FIELDS = ("prompt", "answer", "solution", "task", "domain", "teacher")
+TASKS: Registry[type[Task]] = Registry("task")  # task classes by name
 
 
 @dataclasses.dataclass(frozen=True)

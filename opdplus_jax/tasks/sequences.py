@@ -17,7 +17,7 @@ import random
 import string
 from typing import ClassVar
 
-from opdplus_jax.tasks.base import Example, Task
+from opdplus_jax.tasks.base import TASKS, Example, Task
 
 
 def _check_len(lo: int, hi: int) -> None:
@@ -25,6 +25,7 @@ def _check_len(lo: int, hi: int) -> None:
         raise ValueError(f"need 1 <= min_len <= max_len <= 1000, got {lo}, {hi}")
 
 
+@TASKS.register
 @dataclasses.dataclass(frozen=True)
 class SortList(Task):
     """Sort `min_len`..`max_len` integers in [0, `max_value`] ascending (duplicates allowed)."""
@@ -54,6 +55,7 @@ class SortList(Task):
         return self.example(prompt, answer, f"{chain}\n#### {answer}")
 
 
+@TASKS.register
 @dataclasses.dataclass(frozen=True)
 class ReverseString(Task):
     """Reverse a string of `min_len`..`max_len` characters drawn from `alphabet`."""

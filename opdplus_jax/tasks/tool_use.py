@@ -24,7 +24,7 @@ import string
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from opdplus_jax.tasks.base import ANSWER_MARKER, Example, Task, answer_of
+from opdplus_jax.tasks.base import ANSWER_MARKER, TASKS, Example, Task, answer_of
 
 MAX_INT_ABS = 10**30  # tool arguments beyond this are rejected (no huge bigint work)
 MAX_STR_LEN = 1000
@@ -106,6 +106,7 @@ def format_call(name: str, arguments: Mapping[str, Any]) -> str:
     return json.dumps({"name": name, "arguments": dict(arguments)})
 
 
+@TASKS.register
 @dataclasses.dataclass(frozen=True)
 class ToolUse(Task):
     """Questions answered by one call of a tool in `tools` (default: all of `TOOLS`)."""

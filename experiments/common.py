@@ -71,7 +71,7 @@ PINNED = {
     "optimizer.warmup_steps": 5,
     "rollout.num_samples": 4,
     "rollout.temperature": 1.0,
-    "estimator.baseline": "none",
+    "estimator.baseline": None,
     "loss.aggregation": "seq_mean_token_sum_norm",
 }
 

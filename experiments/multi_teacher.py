@@ -21,8 +21,7 @@ import random
 import time
 
 from experiments import common, outputs
-from opdplus_jax import demo, models, tasks
-from opdplus_jax.demo import stages
+from opdplus_jax import configs, demo, models, tasks
 from opdplus_jax.tasks import tokenizer as task_tokenizer
 from opdplus_jax.tasks.tool_use import format_call
 from opdplus_jax.tokenizer import Tokenizer
@@ -51,10 +50,10 @@ def build_data(cache: str, s: demo.Settings, quick: bool) -> dict:
     folder = os.path.join(cache, "data")
     n_train, n_test = (s.num_train, s.num_test) if quick else (NUM_TRAIN, NUM_TEST)
     key = {"n": [n_train, n_test], "tools": TOOLS, "sloppy": SLOPPY_FRACTION, "seed": s.seed}
-    info = stages._cached(folder, key)
+    info = demo.lookup_stage(folder, key)
     if info is not None:
         return info
-    stages._fresh(folder)
+    demo.start_stage(folder)
     task_tokenizer.save_tokenizer(os.path.join(cache, "models", "tokenizer"))
     domain_tasks = {
         "arithmetic": tasks.get("addition", min_digits=2, max_digits=2, teacher="arithmetic"),
@@ -64,7 +63,7 @@ def build_data(cache: str, s: demo.Settings, quick: bool) -> dict:
     mix, sloppy, test = [], [], []
     for domain, task in domain_tasks.items():
         train = task.generate("train", n_train, seed=s.seed)
-        bad = stages._sloppy if domain == "arithmetic" else _sloppy_call
+        bad = demo.sloppy_example if domain == "arithmetic" else _sloppy_call
         tasks.write_jsonl(train, os.path.join(folder, f"train_{domain}.jsonl"))
         mix += train
         sloppy += [bad(ex) if rng.random() < SLOPPY_FRACTION else ex for ex in train]
@@ -77,7 +76,7 @@ def build_data(cache: str, s: demo.Settings, quick: bool) -> dict:
     tasks.write_jsonl(sloppy, os.path.join(folder, "base_sft.jsonl"))
     interleaved = [ex for pair in zip(*test, strict=True) for ex in pair]
     tasks.write_jsonl(interleaved, os.path.join(folder, "test.jsonl"))
-    return stages._finish(folder, key)
+    return demo.finish_stage(folder, key)
 
 
 def make_config(cache: str, overrides: dict, seed: int):
@@ -90,7 +89,7 @@ def make_config(cache: str, overrides: dict, seed: int):
     c.data.train_path, c.data.eval_path = f"{d}/train.jsonl", f"{d}/test.jsonl"
     c.train.export_final = True
     c.lock()
-    demo.apply_overrides(c, {**overrides, "seed": seed})
+    configs.apply_overrides(c, {**overrides, "seed": seed})
     return c
 
 
@@ -121,11 +120,11 @@ def main(argv=None) -> dict:
     data_info = build_data(cache, settings, args.quick)
     config = make_config(cache, base_overrides, 0)
     built = {}
-    parent = stages.ModelStage("base", "base_sft.jsonl", settings.base_steps)
+    parent = demo.ModelStage("base", "base_sft.jsonl", settings.base_steps)
     built["base"] = demo.build_model(parent, cache, settings, config, data_info["key"])
     for i, domain in enumerate(DOMAINS):
-        st = stages.ModelStage(f"teacher_{domain}", f"train_{domain}.jsonl",
-                               settings.teacher_steps, init="base", seed_offset=1 + i)  # fmt: skip
+        st = demo.ModelStage(f"teacher_{domain}", f"train_{domain}.jsonl",
+                             settings.teacher_steps, init="base", seed_offset=1 + i)  # fmt: skip
         built[st.name] = demo.build_model(st, cache, settings, config, built["base"]["key"])
     paths = {"base": config.student.path}
     paths.update({f"teacher ({d})": config.teachers[d].path for d in DOMAINS})
@@ -133,7 +132,7 @@ def main(argv=None) -> dict:
     both = lambda lam, ref: {f"teachers.{d}.{k}": v for d in DOMAINS
                              for k, v in (("reward_scale", lam), ("reference", ref))}  # fmt: skip
     variants = [
-        common.Variant("OPD (λ=1)", both(1.0, "none"), {"lambda": 1.0}),
+        common.Variant("OPD (λ=1)", both(1.0, None), {"lambda": 1.0}),
         common.Variant("ExOPD (λ=1.25, ref=base)", both(1.25, "student_init"), {"lambda": 1.25}),
     ]
     runs, curves = common.run_grid(

@@ -6,7 +6,8 @@ r"""Command line: train, evaluate or export. A thin wrapper over `opdplus_jax.tr
 
 or `python -m opdplus_jax.main {train,eval,export} --config=... --workdir=...`. Configs are
 ml-collections files with `get_config(arg)`; overrides are `--config.<field>=<value>` and a
-misspelt field is an error that names the closest valid one.
+misspelt field is an error that names the closest valid one; `--config.<field>=None` switches
+an optional feature off (e.g. `--config.loss.tis_cap=None`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from opdplus_jax import trainer
+from opdplus_jax import configs, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, export).")
@@ -30,6 +31,23 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "cluster; coordinator and process ids come from the environment).",
 )
 MODES = ("train", "eval", "export")
+OVERRIDE_PREFIX = "--config."
+
+# `--config.<field>=None` overrides, taken out of argv before absl parses it (ml-collections would
+# read "None" as a string, or fail to convert it to a float) and applied to the loaded config.
+_NONE_OVERRIDES: list[str] = []
+
+
+def split_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without the `--config.<field>=None` flags, the dotted fields they switch off)."""
+    kept, fields = [], []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name.startswith(OVERRIDE_PREFIX) and eq and value == "None":
+            fields.append(name[len(OVERRIDE_PREFIX) :])
+        else:
+            kept.append(arg)
+    return kept, fields
 
 
 def _run(mode: str) -> None:
@@ -41,6 +59,10 @@ def _run(mode: str) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/default.py:cpu")
+    try:
+        configs.apply_overrides(config, dict.fromkeys(_NONE_OVERRIDES))
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     workdir = _WORKDIR.value
     if mode in ("train", "export") and not workdir:
         raise app.UsageError(f"{mode} needs --workdir")
@@ -61,13 +83,18 @@ def _main(argv: list[str]) -> None:
     _run(argv[1])
 
 
+def _app_run(main) -> None:
+    argv, _NONE_OVERRIDES[:] = split_none_overrides(sys.argv)
+    app.run(main, argv=argv)
+
+
 def _entry(mode: str):
     def run(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
         _run(mode)
 
-    return lambda: app.run(run)
+    return lambda: _app_run(run)
 
 
 train = _entry("train")
@@ -76,4 +103,4 @@ export = _entry("export")
 
 
 if __name__ == "__main__":
-    app.run(_main, argv=sys.argv)
+    _app_run(_main)

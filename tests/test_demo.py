@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from opdplus_jax import demo, metrics, models, sharding
+from opdplus_jax import demo, metrics, models, sharding, tasks
 
 TINY = demo.Settings(
     num_train=48,
@@ -116,6 +116,56 @@ def test_sloppy_solutions_forget_every_carry():
     assert solution == "8+4+0=12\n7+5+0=12\n#### 22" and answer == "22"
     assert demo.forgetful_solution(5, 95) == ("5+5+0=10\n0+9+0=9\n#### 90", "90")
     assert demo.forgetful_solution(50, 50)[1] == "0"
+    clean = tasks.Example("What is 78 + 54?", "132", "...", "addition", "arithmetic")
+    sloppy = demo.sloppy_example(clean)
+    assert (sloppy.answer, sloppy.solution) == ("22", solution)
+    assert (sloppy.prompt, sloppy.task, sloppy.domain) == (clean.prompt, "addition", "arithmetic")
+
+
+def test_stage_cache_reuses_only_finished_stages_with_the_same_key(tmp_path):
+    folder = str(tmp_path / "stage")
+    key = {"steps": 3, "parent": {"n": (1, 2)}}
+    assert demo.lookup_stage(folder, key) is None
+    assert demo.start_stage(folder) == folder
+    (tmp_path / "stage" / "out.txt").write_text("partial")
+    assert demo.lookup_stage(folder, key) is None  # started, never finished
+    record = demo.finish_stage(folder, key, seconds=1.5)
+    assert record == {"key": {"steps": 3, "parent": {"n": [1, 2]}}, "seconds": 1.5}
+    assert demo.lookup_stage(folder, key) == record
+    assert demo.lookup_stage(folder, {**key, "steps": 4}) is None
+    demo.start_stage(folder)
+    assert os.listdir(folder) == [] and demo.lookup_stage(folder, key) is None
+
+
+def test_until_data_builds_only_the_data_stage(tmp_path):
+    out = demo.run(str(tmp_path), settings=TINY, until="data")
+    assert list(out["stages"]) == ["data"] and out["cached"] == []
+    for name in ("train.jsonl", "test.jsonl", "base_sft.jsonl"):
+        assert (tmp_path / "data" / name).is_file()
+    assert (tmp_path / "models" / "tokenizer" / "tokenizer.json").is_file()
+    assert not (tmp_path / "models" / "base").exists()
+    assert not (tmp_path / "summary.json").exists()
+    assert demo.run(str(tmp_path), settings=TINY, until="data")["cached"] == ["data"]
+    with pytest.raises(ValueError, match="unknown stage"):
+        demo.run(str(tmp_path), settings=TINY, until="distil")
+
+
+def test_presets_spell_off_as_typed_none():
+    for preset in ("cpu", "strong_to_weak", "multi_teacher"):
+        c = demo.preset_config(preset)
+        assert all(t.reference is None for t in c.teachers.values()), preset
+        assert c.estimator.log_ratio_clip is None and c.estimator.baseline is None
+        assert c.loss.ppo_clip is None and c.loss.tis_cap is None
+        assert c.optimizer.grad_clip == 1.0
+    on = {"estimator.baseline": "loo", "loss.ppo_clip": 0.2, "loss.tis_cap": 2,
+          "teachers.default.reference": "student_init", "optimizer.grad_clip": None}  # fmt: skip
+    c = demo.distill_config("cpu", "cache", on)
+    assert (c.estimator.baseline, c.loss.ppo_clip, c.loss.tis_cap) == ("loo", 0.2, 2.0)
+    assert c.teachers.default.reference == "student_init" and c.optimizer.grad_clip is None
+    for field, bad in (("loss.ppo_clip", "off"), ("estimator.baseline", 1),
+                       ("teachers.default.reference", 0.0)):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(field)):
+            demo.distill_config("cpu", "cache", {field: bad})
 
 
 def test_cli_flags():
@@ -125,6 +175,7 @@ def test_cli_flags():
          "--set", "optimizer.learning_rate=1e-3"]
     )  # fmt: skip
     assert kw["cache_dir"] == "w" and kw["preset"] == "strong_to_weak" and not kw["fresh"]
+    assert kw["until"] == "report" and demo.parse_args(["--until", "data"])["until"] == "data"
     assert kw["settings"].base_steps == 7
     assert kw["overrides"] == {
         "train.num_steps": 5,

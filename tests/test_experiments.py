@@ -113,6 +113,7 @@ def test_cli_defaults_and_errors():
     full = common.parse_args("x", "", ["--seeds", "4", "--steps", "7"])
     assert full.seeds == 4 and full.out == os.path.join("experiments", "results", "x")
     assert common.scale(full, {"train.num_steps": 30})[1]["train.num_steps"] == 7
+    assert common.scale(full, {})[1]["estimator.baseline"] is None  # PINNED: no baseline
     loo = common.parse_args("x", "", ["--set", "estimator.baseline=loo"])
     assert loo.name == "x_baseline-loo" and loo.out.endswith(os.path.join("results", loo.name))
     assert loo.workdir.endswith(os.path.join("work", loo.name))  # never resumes the plain runs

@@ -14,21 +14,25 @@ exist, are complete and were built with the same settings):
             same-size setting in miniature);
   distill   the student starts from the base and learns on its own samples from the teacher's
             per-token log-probs with the default estimator (OPD+ with JSD), through
-            `trainer.train_and_evaluate` and the `cpu` preset of configs/default.py (re-run
-            every time);
+            `trainer.train_and_evaluate` and the `cpu` preset of `opdplus_jax.configs.default`
+            (re-run every time);
   report    greedy held-out accuracy of base, teacher and student, KL(model || teacher) per
             token on the model's own samples, wall time per stage; writes `summary.json`,
             `accuracy_vs_step.png`, `divergence_vs_step.png` and the student's Hugging Face
             export (`export/`) into the workdir.
 
 `--preset strong_to_weak` distils the same teacher into a smaller student (`small_base`, trained
-on the same sloppy solutions first). Once the models exist, the distillation alone is
-`opdplus-train --config=configs/default.py:cpu --workdir=runs/opd`.
+on the same sloppy solutions first). `--until data` (or `models`) stops after that stage. Once
+the models exist, the distillation alone is
+`opdplus-train --config=configs/default.py:cpu --workdir=runs/opd` from the repository.
+
+The stage cache (`lookup_stage`, `start_stage`, `finish_stage`) is public, for other pipelines
+that build cached data and models the same way (the experiments do).
 """
 
 from opdplus_jax.demo.main import (
     PRESETS,
-    apply_overrides,
+    UNTIL,
     distill_config,
     main,
     parse_args,
@@ -42,26 +46,34 @@ from opdplus_jax.demo.stages import (
     Settings,
     build_data,
     build_model,
+    finish_stage,
     forgetful_solution,
+    lookup_stage,
     model_config,
+    sloppy_example,
+    start_stage,
 )
 
 __all__ = [
     "MODEL_NAMES",
     "PRESETS",
+    "UNTIL",
     "ModelStage",
     "Settings",
-    "apply_overrides",
     "build_data",
     "build_model",
     "distill_config",
     "evaluate_model",
+    "finish_stage",
     "forgetful_solution",
     "format_table",
+    "lookup_stage",
     "main",
     "model_config",
     "parse_args",
     "preset_config",
     "run",
+    "sloppy_example",
+    "start_stage",
     "write_plots",
 ]

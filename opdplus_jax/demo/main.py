@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -15,7 +14,8 @@ from typing import Any
 import jax
 from ml_collections import config_dict
 
-from opdplus_jax import metrics, models, trainer
+from opdplus_jax import configs, metrics, models, trainer
+from opdplus_jax.configs import default
 from opdplus_jax.demo.report import evaluate_model, format_table, write_plots
 from opdplus_jax.demo.stages import (
     MODEL_NAMES,
@@ -28,6 +28,8 @@ from opdplus_jax.tokenizer import Tokenizer
 
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "export")
 PRESETS = ("cpu", "strong_to_weak")
+# `run(until=...)`: the last stage to run; each includes the ones before it.
+UNTIL = ("data", "models", "report")
 
 
 def _log(msg: str) -> None:
@@ -38,15 +40,8 @@ def _log(msg: str) -> None:
 
 
 def preset_config(preset: str) -> config_dict.ConfigDict:
-    """`get_config(preset)` of the repository's configs/default.py (found next to the package)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.path.join(root, "configs", "default.py")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: the demo needs the repository's configs/default.py")
-    spec = importlib.util.spec_from_file_location("opdplus_demo_configs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+    """The locked `preset` of `opdplus_jax.configs.default` (any preset, not only PRESETS)."""
+    return default.get_config(preset)
 
 
 def distill_config(
@@ -64,27 +59,8 @@ def distill_config(
     c.data.eval_path = os.path.join(cache_dir, "data", "test.jsonl")
     c.train.export_final = True
     c.lock()
-    apply_overrides(c, overrides or {})
+    configs.apply_overrides(c, overrides or {})
     return c
-
-
-def apply_overrides(config: config_dict.ConfigDict, overrides: dict[str, Any]) -> None:
-    """Sets dotted fields (`{"train.num_steps": 20}`) of a locked config in place.
-
-    A misspelt field or a value of the wrong type is a ValueError naming the field (and the
-    closest valid name): the config is locked, so nothing new is created."""
-    if not config.is_locked:
-        raise ValueError("apply_overrides expects a locked config (call config.lock() first)")
-    for dotted, value in overrides.items():
-        node = config
-        *path, leaf = dotted.split(".")
-        try:
-            for p in path:
-                node = node[p]
-            node[leaf] = value
-        except (KeyError, TypeError) as e:
-            message = e.args[0] if e.args else e
-            raise ValueError(f"config override {dotted}={value!r}: {message}") from None
 
 
 # ---------------------------------------------------------------------------------------- run
@@ -98,11 +74,26 @@ def run(
     settings: Settings | None = None,
     overrides: dict[str, Any] | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    until: str = "report",
 ) -> dict[str, Any]:
-    """Runs every stage (see the module docstring); returns the summary written to summary.json.
+    """Runs the stages (see the package docstring) up to `until`.
 
-    `overrides`: dotted config fields, e.g. {"train.num_steps": 20}. `mesh`: the distillation's
-    mesh (default: `config.mesh` over all devices)."""
+    Args:
+      workdir: the distillation's run folder (and the cache's, by default).
+      preset: one of PRESETS.
+      cache_dir: where the data and model stages are cached (default: `workdir`).
+      settings: what the stages build (default: `Settings()`).
+      overrides: dotted config fields, e.g. {"train.num_steps": 20}.
+      mesh: the distillation's mesh (default: `config.mesh` over all devices).
+      until: the last stage to run, one of UNTIL: "data" (tokenizer and JSONL files), "models"
+        (also every SFT model of the preset) or "report" (also the distillation and report).
+
+    Returns:
+      With until="report", the summary written to summary.json. Otherwise `{"preset",
+      "stages": {name: stage record}, "seconds", "cached"}`; no distillation, no summary.
+    """
+    if until not in UNTIL:
+        raise ValueError(f"unknown stage {until!r}; valid: {', '.join(UNTIL)}")
     t0 = time.perf_counter()
     cache_dir = cache_dir or workdir
     os.makedirs(workdir, exist_ok=True)
@@ -123,6 +114,8 @@ def run(
     ex = info["example"]
     _log(f"[data] 2-digit addition, e.g. {ex['prompt']!r}")
     _log(f"         clean: {ex['clean']!r}\n        sloppy: {info['sloppy']!r}")
+    if until == "data":
+        return {"preset": preset, "stages": {"data": info}, "seconds": seconds, "cached": cached}
     stages = [
         ModelStage("base", "base_sft.jsonl", s.base_steps),
         ModelStage("teacher", "train.jsonl", s.teacher_steps, init="base", seed_offset=1),
@@ -135,6 +128,9 @@ def run(
         parent = keys[st.init or "data"]
         results[st.name] = timed(st.name, build_model, st, cache_dir, s, config, parent)
         keys[st.name] = results[st.name]["key"]
+    if until == "models":
+        records = {"data": info, **results}
+        return {"preset": preset, "stages": records, "seconds": seconds, "cached": cached}
 
     student_name = "small_base" if preset == "strong_to_weak" else "base"
     _log(
@@ -215,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cache_dir", default=None, help="models/data cache (default: workdir)")
     p.add_argument("--preset", default="cpu", choices=PRESETS)
     p.add_argument("--fresh", action="store_true", help="rebuild the cached data and models")
+    p.add_argument("--until", default="report", choices=UNTIL,
+                   help="last stage to run: data, models, or report (everything)")  # fmt: skip
     kinds = {"int": int, "float": float}
     fields = [f for f in dataclasses.fields(Settings) if f.type in kinds]
     for f in fields:
@@ -243,6 +241,7 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
         "cache_dir": args.cache_dir or args.workdir,
         "settings": Settings(**{f.name: getattr(args, f.name) for f in fields}),
         "overrides": overrides,
+        "until": args.until,
         "fresh": args.fresh,
     }
 

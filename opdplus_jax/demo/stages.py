@@ -3,7 +3,14 @@
 Each stage writes its outputs into its own folder and, last, a `demo_stage.json` recording the
 settings it was built with (its key, which includes its parent stage's key). A stage is reused
 when that file exists with the same key, and rebuilt otherwise, so a changed setting rebuilds
-exactly the stages that depend on it.
+exactly the stages that depend on it. The cache is three public functions, so that other
+pipelines (the experiments) cache their own stages the same way:
+
+    record = lookup_stage(folder, key)
+    if record is None:
+        start_stage(folder)  # an empty folder: no stale outputs of an older build
+        ...  # write the stage's outputs into folder
+        record = finish_stage(folder, key, seconds=...)
 """
 
 from __future__ import annotations
@@ -65,11 +72,22 @@ def _log(msg: str) -> None:
 
 
 def _json(obj: Any) -> Any:
+    """`obj` as it reads back from JSON (tuples become lists), so that keys compare equal."""
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
-def _cached(folder: str, key: dict[str, Any]) -> dict[str, Any] | None:
-    """The stage record if `folder` holds a finished stage built with `key`, else None."""
+def lookup_stage(folder: str, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of the finished stage in `folder` if it was built with `key`, else None.
+
+    Args:
+      folder: the stage's output folder.
+      key: JSON-serialisable settings the outputs depend on (include the parent stage's key, so
+        that rebuilding a parent invalidates its children).
+
+    Returns:
+      The dict `finish_stage` wrote (`key` plus its record), or None when the folder holds no
+      finished stage or one built with another key: the stage must be (re)built.
+    """
     path = os.path.join(folder, STAGE_FILE)
     if not os.path.isfile(path):
         return None
@@ -78,20 +96,35 @@ def _cached(folder: str, key: dict[str, Any]) -> dict[str, Any] | None:
     return info if info.get("key") == _json(key) else None
 
 
-def _finish(folder: str, key: dict[str, Any], **record: Any) -> dict[str, Any]:
+def start_stage(folder: str) -> str:
+    """Empties `folder` (creating it if needed) before a stage writes into it; returns it.
+
+    Outputs of an older build never survive next to the new ones, and a stage interrupted after
+    this call has no `STAGE_FILE`, so `lookup_stage` rebuilds it.
+    """
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.makedirs(folder)
+    return folder
+
+
+def finish_stage(folder: str, key: dict[str, Any], **record: Any) -> dict[str, Any]:
+    """Marks the stage in `folder` finished: writes `STAGE_FILE` atomically, last.
+
+    Args:
+      folder: the stage's output folder, complete.
+      key: the settings it was built with (as given to `lookup_stage`).
+      **record: JSON-serialisable facts to keep with it (build time, evaluation, examples).
+
+    Returns:
+      `{"key": key, **record}` as `lookup_stage` will return it later.
+    """
     info = _json({"key": key, **record})
     tmp = os.path.join(folder, STAGE_FILE + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, sort_keys=True)
     os.replace(tmp, os.path.join(folder, STAGE_FILE))
     return info
-
-
-def _fresh(folder: str) -> str:
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    os.makedirs(folder)
-    return folder
 
 
 # --------------------------------------------------------------------------------------- data
@@ -110,7 +143,12 @@ def forgetful_solution(a: int, b: int) -> tuple[str, str]:
     return "\n".join([*lines, f"#### {answer}"]), answer
 
 
-def _sloppy(example: tasks.Example) -> tasks.Example:
+def sloppy_example(example: tasks.Example) -> tasks.Example:
+    """An addition example with `forgetful_solution`'s worked solution and answer.
+
+    The base model's SFT data mixes these with clean examples, so that it learns the format
+    and how to carry, but often does not carry.
+    """
     a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", example.prompt).groups())
     solution, answer = forgetful_solution(a, b)
     return dataclasses.replace(example, solution=solution, answer=answer)
@@ -124,26 +162,26 @@ def build_data(cache_dir: str, s: Settings) -> dict[str, Any]:
         k: getattr(s, k)
         for k in ("min_digits", "max_digits", "num_train", "num_test", "sloppy_fraction", "seed")
     }
-    info = _cached(folder, key)
+    info = lookup_stage(folder, key)
     if info is not None and os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
         return {**info, "cached": True}
     start = time.perf_counter()
-    _fresh(folder)
+    start_stage(folder)
     task_tokenizer.save_tokenizer(tok_dir)
     task = tasks.get("addition", min_digits=s.min_digits, max_digits=s.max_digits)
     train = task.generate("train", s.num_train, seed=s.seed)
     rng = random.Random(s.seed)
-    mix = [_sloppy(ex) if rng.random() < s.sloppy_fraction else ex for ex in train]
+    mix = [sloppy_example(ex) if rng.random() < s.sloppy_fraction else ex for ex in train]
     tasks.write_jsonl(train, os.path.join(folder, "train.jsonl"))
     tasks.write_jsonl(mix, os.path.join(folder, "base_sft.jsonl"))
     tasks.write_jsonl(task.generate("test", s.num_test, seed=s.seed), f"{folder}/test.jsonl")
-    example = next(ex for ex in train if _sloppy(ex).answer != ex.answer)
-    info = _finish(
+    example = next(ex for ex in train if sloppy_example(ex).answer != ex.answer)
+    info = finish_stage(
         folder,
         key,
         seconds=time.perf_counter() - start,
         example={"prompt": example.prompt, "clean": example.solution},
-        sloppy=_sloppy(example).solution,
+        sloppy=sloppy_example(example).solution,
     )
     return {**info, "cached": False}
 
@@ -195,7 +233,7 @@ def build_model(
             config.rollout.max_prompt_len,
         ],
     }
-    info = _cached(folder, key)
+    info = lookup_stage(folder, key)
     if info is not None:
         _log(f"[{stage.name}] cached: accuracy {info['eval']['accuracy']:.3f} ({folder})")
         return {**info, "cached": True}
@@ -223,8 +261,8 @@ def build_model(
         seed=s.seed + stage.seed_offset,
         log_every=max(stage.steps // 4, 1),
     )
-    sft.save(model, tok, _fresh(folder))
+    sft.save(model, tok, start_stage(folder))
     seconds = time.perf_counter() - start
     result = evaluate_model(model, tok, config)
     _log(f"[{stage.name}] held-out accuracy {result['accuracy']:.3f} ({seconds:.0f} s of SFT)")
-    return {**_finish(folder, key, seconds=seconds, eval=result), "cached": False}
+    return {**finish_stage(folder, key, seconds=seconds, eval=result), "cached": False}

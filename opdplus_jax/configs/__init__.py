@@ -1,0 +1,28 @@
+"""Experiment configs shipped with the package: `default.get_config(preset)` presets, and
+`apply_overrides` for dotted overrides of a locked config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ml_collections import config_dict
+
+
+def apply_overrides(config: config_dict.ConfigDict, overrides: dict[str, Any]) -> None:
+    """Sets dotted fields (`{"train.num_steps": 20, "loss.tis_cap": None}`) of a locked config in
+    place; None switches a feature off.
+
+    A misspelt field or a value of the wrong type is a ValueError naming the field (and the
+    closest valid name): the config is locked, so nothing new is created."""
+    if not config.is_locked:
+        raise ValueError("apply_overrides expects a locked config (call config.lock() first)")
+    for dotted, value in overrides.items():
+        node = config
+        *path, leaf = dotted.split(".")
+        try:
+            for p in path:
+                node = node[p]
+            node[leaf] = value
+        except (KeyError, TypeError, AttributeError) as e:
+            message = e.args[0] if e.args else e
+            raise ValueError(f"config override {dotted}={value!r}: {message}") from None

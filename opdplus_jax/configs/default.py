@@ -1,0 +1,221 @@
+r"""Experiment configs: `get_config(arg)` presets (big_vision style).
+
+    opdplus-train --config=configs/default.py:cpu --workdir=runs/demo \
+        --config.estimator.divergence=jsd --config.optimizer.learning_rate=3e-4
+
+The presets ship inside the package, so an installed opdplus_jax has them too (the demo imports
+this module); the repository's `configs/default.py` only forwards to `get_config` here, because
+absl's config flags load a config from a file path.
+
+Presets:
+  cpu          the CPU-sized default (`python -m opdplus_jax.demo` builds its models and data
+               under runs/demo): tiny same-size student and teacher, synthetic-task prompts
+               (see `opdplus_jax.tasks`); minutes on 2 cores.
+  strong_to_weak  as cpu, with a smaller student (`runs/demo/models/small_base`) distilled
+               from the same teacher.
+  qwen3_exopd  the papers' setting (Qwen3-1.7B student, Qwen3-8B teacher, lambda = 1.25,
+               OPD+ JSD, reward correction with the teacher's pre-RL base); needs accelerators.
+  multi_teacher two task-domain teachers (arithmetic, tool use) merged into one student (models
+               and data built by `python -m experiments.multi_teacher`).
+
+Every field is documented in README.md ("Config knobs"). The config is locked: a typo in an
+override is an error that suggests the nearest valid name. An optional feature that is off is
+None, never a sentinel such as "none" or 0.0; such fields are typed references
+(`config_dict.placeholder`), so an override that switches one on is still type-checked.
+"""
+
+from ml_collections import config_dict
+
+
+def _base() -> config_dict.ConfigDict:
+    c = config_dict.ConfigDict()
+    c.seed = 0
+
+    # Models: Hugging Face checkpoint folders (config.json + *.safetensors), loaded locally.
+    c.student = config_dict.ConfigDict()
+    c.student.path = ""
+    c.student.dtype = "float32"  # activation dtype: float32 | bfloat16
+    c.student.param_dtype = "float32"  # master weights
+    c.tokenizer_path = ""  # defaults to the student folder
+
+    # Teachers by name. Each: checkpoint folder, reference model and reward scale lambda (G-OPD).
+    # reference: None (no reference model; needs lambda = 1), "student_init" (the student's
+    # initial weights) or a checkpoint folder (e.g. the teacher's pre-RL base: "reward
+    # correction").
+    c.teachers = config_dict.ConfigDict()
+    c.teachers.default = teacher("")
+
+    # The estimator (opdplus_jax.estimators): every knob of the library.
+    c.estimator = config_dict.ConfigDict()
+    c.estimator.divergence = "reverse_kl"
+    c.estimator.divergence_params = config_dict.ConfigDict()  # e.g. {"beta": 0.5} for jsd
+    c.estimator.correction = "opd_plus"  # opd_plus | stop_grad
+    c.estimator.level = "token"  # token | sequence
+    c.estimator.discount = 0.0  # gamma in [0, 1]
+    # Clamp each log u_t to [-c, c] (biased; see opdplus_jax.estimators); None = off.
+    c.estimator.log_ratio_clip = config_dict.placeholder(float)
+    # Per-prompt baseline over its n samples: None (off) | loo | mean | mean_std.
+    c.estimator.baseline = config_dict.placeholder(str)
+
+    # Rollouts (opdplus_jax.sampling).
+    c.rollout = config_dict.ConfigDict()
+    c.rollout.num_samples = 4  # n responses per prompt
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+    c.rollout.max_new_tokens = 64
+    c.rollout.max_prompt_len = 64
+
+    # Loss (opdplus_jax.losses).
+    c.loss = config_dict.ConfigDict()
+    c.loss.aggregation = "seq_mean_token_sum_norm"  # normaliser B * max_new_tokens
+    # PPO clip epsilon; None = off (only matters with several updates per rollout).
+    c.loss.ppo_clip = config_dict.placeholder(float)
+    c.loss.num_minibatches = 1  # updates per rollout batch (>1: PPO-style, old log-probs fixed)
+    # Truncated importance-sampling cap C between learner and sampler; None = off.
+    c.loss.tis_cap = config_dict.placeholder(float)
+
+    # Optimizer (optax chain: clip -> AdamW with schedule; MultiSteps for accumulation).
+    c.optimizer = config_dict.ConfigDict()
+    c.optimizer.learning_rate = 1e-5
+    c.optimizer.schedule = "cosine"  # cosine | constant
+    c.optimizer.warmup_steps = 0
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.grad_clip = config_dict.FieldReference(1.0, field_type=float)  # None = off
+    c.optimizer.grad_accum = 1  # rollout batches per optimizer update
+
+    # Data: local JSONL/Parquet prompt files (fields prompt, answer, optional teacher, domain).
+    c.data = config_dict.ConfigDict()
+    c.data.train_path = ""
+    c.data.eval_path = ""
+    c.data.batch_size = 8  # prompts per step (x num_samples responses)
+    c.data.system_prompt = config_dict.placeholder(str)
+
+    # Mesh (opdplus_jax.sharding): -1 takes the remaining devices.
+    c.mesh = config_dict.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+
+    # Loop.
+    c.train = config_dict.ConfigDict()
+    c.train.num_steps = 100
+    c.train.log_every = 1
+    c.train.eval_every = 25  # 0 = only at the end
+    c.train.checkpoint_every = 25
+    c.train.keep_checkpoints = 3
+    c.train.max_consecutive_skips = 5  # non-finite loss/grad steps in a row before stopping
+    c.train.export_final = True  # write an HF folder of the student at the end
+
+    # Evaluation (held-out prompts: accuracy, pass@k, student-teacher KL per token).
+    c.eval = config_dict.ConfigDict()
+    c.eval.num_prompts = 64
+    c.eval.num_samples = 1  # samples per problem (pass@k uses k <= num_samples)
+    c.eval.temperature = 0.0  # 0 = greedy
+    c.eval.max_new_tokens = 64
+    c.eval.batch_size = 32
+    return c
+
+
+def teacher(
+    path: str, *, reward_scale: float = 1.0, reference: str | None = None
+) -> config_dict.ConfigDict:
+    """One entry of `config.teachers`: checkpoint folder, reward scale lambda, reference model.
+
+    Args:
+      path: the teacher's Hugging Face checkpoint folder.
+      reward_scale: G-OPD's lambda; 1 is plain OPD, any other value needs a reference.
+      reference: None (no reference model), "student_init" (the student's initial weights) or a
+        checkpoint folder. Kept a typed reference, so that overriding None checks the type.
+
+    Returns:
+      An unlocked ConfigDict, to be assigned to `config.teachers.<name>`.
+    """
+    t = config_dict.ConfigDict()
+    t.path = path
+    t.reward_scale = reward_scale
+    t.reference = config_dict.FieldReference(reference, field_type=str)
+    return t
+
+
+def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
+    """Returns the locked config of preset `arg` (see the module docstring)."""
+    c = _base()
+    if arg == "cpu":
+        # The demo's distillation (`python -m opdplus_jax.demo` builds these folders): 2-digit
+        # addition; the student starts from a base SFT-trained on sloppy solutions, the teacher
+        # is the same network with more SFT on clean ones; OPD+ with JSD, 64 prompts x 4 samples
+        # per step for 80 steps, greedy held-out accuracy on 200 problems every 10 steps.
+        models = "runs/demo/models"
+        c.student.path = f"{models}/base"
+        c.tokenizer_path = f"{models}/tokenizer"
+        c.teachers.default = teacher(f"{models}/teacher")
+        c.data.train_path = "runs/demo/data/train.jsonl"
+        c.data.eval_path = "runs/demo/data/test.jsonl"
+        c.data.batch_size = 64
+        c.rollout.num_samples = 4
+        c.estimator.divergence = "jsd"
+        c.rollout.max_new_tokens = 32
+        c.rollout.max_prompt_len = 32
+        c.optimizer.learning_rate = 1e-3
+        c.optimizer.warmup_steps = 5
+        c.optimizer.schedule = "constant"
+        c.train.num_steps = 80
+        c.train.eval_every = 10
+        c.train.checkpoint_every = 40
+        c.eval.num_prompts = 200
+        c.eval.batch_size = 200
+        c.eval.max_new_tokens = 32
+    elif arg == "strong_to_weak":
+        # The cpu setting with a smaller student (the demo's `small_base`: a narrower network
+        # SFT-trained on the same sloppy solutions) distilled from the same teacher.
+        c = get_config("cpu").unlock()
+        c.student.path = "runs/demo/models/small_base"
+    elif arg == "qwen3_exopd":
+        # Qwen3-1.7B student, Qwen3-8B (RL-trained) teacher; ExOPD lambda = 1.25 with reward
+        # correction (reference = the teacher's pre-RL base); OPD+ with JSD.
+        c.student.path = "/checkpoints/Qwen3-1.7B"
+        c.student.dtype = "bfloat16"
+        c.teachers.default = teacher(
+            "/checkpoints/Qwen3-8B-RL", reward_scale=1.25, reference="/checkpoints/Qwen3-8B-Base"
+        )
+        c.estimator.divergence = "jsd"
+        c.rollout.num_samples = 8
+        c.rollout.max_new_tokens = 8192
+        c.rollout.max_prompt_len = 1024
+        c.data.batch_size = 64
+        c.data.train_path = "/data/math/train.jsonl"
+        c.data.eval_path = "/data/math/test.jsonl"
+        c.optimizer.learning_rate = 1e-6
+        c.optimizer.warmup_steps = 10
+        c.optimizer.grad_accum = 4
+        c.loss.tis_cap = 2.0
+        c.mesh.data = -1
+        c.mesh.fsdp = 8
+        c.train.num_steps = 500
+        c.eval.max_new_tokens = 8192
+        c.eval.num_samples = 8
+        c.eval.temperature = 0.6
+    elif arg == "multi_teacher":
+        # Two task-domain teachers merged into one student, as `python -m
+        # experiments.multi_teacher` builds them: rows are routed by the data's `teacher` field.
+        c = get_config("cpu").unlock()
+        root = "runs/experiments/cache/multi_teacher"
+        c.student.path = f"{root}/models/base"
+        c.tokenizer_path = f"{root}/models/tokenizer"
+        del c.teachers["default"]
+        for domain in ("arithmetic", "tool_use"):
+            c.teachers[domain] = teacher(f"{root}/models/teacher_{domain}")
+        c.data.train_path = f"{root}/data/train.jsonl"
+        c.data.eval_path = f"{root}/data/test.jsonl"
+        c.rollout.max_prompt_len = 40  # tool-use prompts are longer, and so are the calls
+        c.rollout.max_new_tokens = 52
+        c.eval.max_new_tokens = 52
+    else:
+        raise ValueError(
+            f"unknown preset {arg!r}; valid: cpu, strong_to_weak, qwen3_exopd, multi_teacher"
+        )
+    c.lock()
+    return c

@@ -8,9 +8,10 @@ output layer is half of the student's parameters and most of its FLOPs, as in sm
 One step = sample 16 prompts x 1 response x exactly 128 tokens (temperature 1, no top-k/top-p),
 score with the teacher, reverse-KL loss, backward, grad-norm clip, AdamW.
 
-  ours    `trainer._rollout` (compiled prefill + while_loop decode, no EOS so that every row has
-          128 tokens) then `trainer._update` (one jitted, donated step: student and teacher
-          forwards, reverse-KL advantages log q - log pi, policy-gradient loss, AdamW).
+  ours    `Trainer.rollout` (the static engine: compiled prefill + while_loop decode, no stop
+          ids so that every row has 128 tokens) then `Trainer.update` (one jitted, donated step:
+          student and teacher forwards, reverse-KL advantages log q - log pi, policy-gradient
+          loss, AdamW).
   TRL     `trl.DistillationTrainer` (fully on-policy: the student generates every completion;
           beta = 1 selects the reverse KL(student || teacher), computed over the full vocabulary by
           its chunked divergence), bf16 off, `min_new_tokens` = 128, same prompts, learning rate,
@@ -27,7 +28,7 @@ medians and the ratio of total step times measured in the same run (and process 
 which a loaded machine perturbs less). Split: `sample` = the rollout;
 `score` = the teacher forward (ours: a separately timed jitted teacher forward on the same batch;
 TRL: the teacher backbone's forward, its lm_head is inside the chunked loss); `update` = the rest
-of the step (ours: the fused `_update` minus `score`).
+of the step (ours: the fused `Trainer.update` minus `score`).
 
     python benchmarks/opd_step.py --torch-python /path/to/torch-venv/bin/python
 """
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import statistics
@@ -48,28 +48,17 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from opdplus_jax import sharding, train_step, trainer
+from opdplus_jax import sharding, trainer
+from opdplus_jax.configs import default
 from opdplus_jax.models import qwen3_config, random_checkpoint
-from opdplus_jax.tokenizer import Tokenizer
+from opdplus_jax.rollout import StaticEngine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 SPECIAL = ("<pad>", "<unk>", "<bos>", "<eos>")
 STUDENT = {"hidden_size": 384, "num_layers": 6, "num_heads": 6, "num_kv_heads": 2}
 TEACHER = {"hidden_size": 768, "num_layers": 9, "num_heads": 12, "num_kv_heads": 4}
 PHASES = ("sample", "score", "update", "total")
-
-
-def get_config(preset: str):
-    """`configs/default.py:get_config(preset)` (the configs folder is not an installed package)."""
-    spec = importlib.util.spec_from_file_location(
-        "default", os.path.join(REPO, "configs", "default.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
 
 
 def save_word_tokenizer(folder: str, vocab_size: int) -> str:
@@ -93,14 +82,6 @@ def save_word_tokenizer(folder: str, vocab_size: int) -> str:
     )
     tok.save_pretrained(folder)
     return folder
-
-
-class _NoStop(Tokenizer):
-    """The run's tokenizer without EOS ids: the rollout then samples exactly max_new_tokens."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        super().__init__(tokenizer.hf)
-        self._eos_ids = ()
 
 
 class TrlWorker:
@@ -235,15 +216,15 @@ def main() -> None:
         words = rng.integers(len(SPECIAL), args.vocab, (args.batch, args.prompt_len))
         texts = [" ".join(f"w{i}" for i in row) for row in words]
 
-        config = get_config("cpu")
+        config = default.get_config("cpu")
         config.student.path = paths["student"]
         config.tokenizer_path = tok_dir
         config.teachers.default.path = paths["teacher"]
         config.estimator.divergence = "reverse_kl"
         config.estimator.correction = "stop_grad"  # the standard OPD advantage log q - log pi
         config.estimator.level, config.estimator.discount = "token", 0.0
-        config.estimator.baseline = "none"
-        config.loss.num_minibatches, config.loss.tis_cap = 1, 0.0  # one fused on-policy update
+        config.estimator.baseline = None
+        config.loss.num_minibatches, config.loss.tis_cap = 1, None  # one fused on-policy update
         config.rollout.num_samples = 1
         config.rollout.max_new_tokens = args.new_tokens
         config.rollout.max_prompt_len = args.prompt_len
@@ -254,38 +235,34 @@ def main() -> None:
         config.optimizer.weight_decay = 0.0
         config.optimizer.grad_clip = 1.0
         mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
-        setup = trainer.load(config, mesh=mesh)
-        setup = dataclasses.replace(setup, tokenizer=_NoStop(setup.tokenizer))
+        run = trainer.Trainer.setup(config, mesh=mesh)
+        # No stop ids: every rollout row samples exactly max_new_tokens, as TRL's min_new_tokens.
+        no_stop = dataclasses.replace(run.engine.sampling, stop_token_ids=())
+        run.engine = StaticEngine(run.step_cfg.student, no_stop)
         # The same call as TRL's prompt tokenization (processing_class(text=prompts)).
-        prompt_tokens = setup.tokenizer.hf(texts)["input_ids"]
+        prompt_tokens = run.tokenizer.hf(texts)["input_ids"]
         assert all(len(p) == args.prompt_len for p in prompt_tokens), "tokenizer mismatch"
         prompts_batch = {"prompt_tokens": prompt_tokens, "teacher": np.zeros(args.batch, np.int32)}
-        opt = train_step.make_optimizer(config.optimizer, config.train.num_steps)
-        _, params = nnx.split(setup.student, nnx.Param)
-        state = train_step.TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params)
-        )
+        state = run.init_state()
         key = jax.random.key(config.seed)
-        cfg = setup.step_cfg
 
         def ours(i: int) -> dict:
             nonlocal state
             c0, t0 = time.process_time(), time.perf_counter()
             step_key = jax.random.fold_in(key, i)
-            batch, _ = trainer._rollout(setup, config, state.params, prompts_batch, step_key)
-            jax.block_until_ready(batch["tokens"])
+            rollout = run.rollout(state.params, prompts_batch, step_key)
+            jax.block_until_ready(rollout.tokens)
             t1, c1 = time.perf_counter(), time.process_time()
-            state, metrics = trainer._update(setup, config, opt, state, batch)
+            state, metrics = run.update(state, rollout)
             metrics = jax.device_get(metrics)  # as the training loop does
             jax.block_until_ready(state)
             t2, c2 = time.perf_counter(), time.process_time()
-            assert batch["tokens"].shape == (args.batch, args.new_tokens)
-            assert int(np.asarray(batch["mask"]).sum()) == args.batch * args.new_tokens
+            assert rollout.tokens.shape == (args.batch, args.new_tokens)
+            assert int(np.asarray(rollout.mask).sum()) == args.batch * args.new_tokens
             assert not metrics["skipped"], metrics
             # The teacher forward alone on the same batch: the fused update cannot be split.
             t3, c3 = time.perf_counter(), time.process_time()
-            teacher = (cfg.teachers[0], setup.frozen.teachers[0])
-            jax.block_until_ready(trainer._score_teacher(*teacher, batch, cfg.vocab_size))
+            jax.block_until_ready(run.teacher_logprobs(rollout))
             score, score_cpu = time.perf_counter() - t3, time.process_time() - c3
             wall = {"sample": t1 - t0, "score": score, "update": t2 - t1 - score, "total": t2 - t0}
             cpu = {"sample": c1 - c0, "score": score_cpu, "update": c2 - c1 - score_cpu}

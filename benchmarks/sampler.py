@@ -1,4 +1,5 @@
-"""Sampling throughput: `opdplus_jax.sampling.generate` vs transformers `generate` (PyTorch CPU).
+"""Sampling throughput: the static rollout engine (`opdplus_jax.sampling.generate`) vs
+transformers `generate` (PyTorch CPU).
 
 Both sides load the same random Qwen3-shaped checkpoint (about 42M parameters, written by
 transformers' `save_pretrained` into a temporary folder), sample the same prompts (batch 16,
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opdplus_jax import models, sampling
+from opdplus_jax.rollout import SamplingParams, StaticEngine
 
 CONFIG = {  # Qwen3 architecture (q/k norm, GQA, tied embeddings), ~42M parameters
     "vocab_size": 32768,
@@ -163,11 +165,16 @@ def main() -> None:
         prompts = rng.integers(3, CONFIG["vocab_size"], (args.batch, args.prompt_len)).tolist()
 
         model = models.from_pretrained(path, dtype=jnp.dtype(args.dtype))
-        kw = {"max_new_tokens": args.new_tokens, "temperature": 1.0,
-              "prompt_buckets": (args.prompt_len,)}  # fmt: skip
+        if sampling.bucket_length(args.prompt_len) != args.prompt_len:
+            raise SystemExit(
+                f"--prompt-len {args.prompt_len} must be a prompt bucket (16, 32, ...)"
+            )
+        engine, params = StaticEngine.for_model(
+            model, SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)
+        )
 
         def ours(seed: int) -> None:
-            r = sampling.generate(model, prompts, rng=jax.random.key(seed), **kw)
+            r = engine.generate(params, prompts, rng=jax.random.key(seed))
             jax.block_until_ready(r)
             assert r.tokens.shape == (args.batch, args.new_tokens) and bool(r.mask.all())
 

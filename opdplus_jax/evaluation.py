@@ -1,7 +1,7 @@
 """Held-out evaluation: accuracy and pass@k with the verifiers, and student-teacher KL.
 
-`evaluate_policy` samples `num_samples` responses per problem from a policy (greedy when
-temperature is 0), scores them with `opdplus_jax.verifiers`, and optionally scores the same
+`evaluate_policy` samples `num_samples` responses per problem through a rollout engine (greedy
+when its temperature is 0), scores them with `opdplus_jax.verifiers`, and optionally scores the same
 responses with a teacher to report the per-token KL(student || teacher) on the student's own
 samples (the k1 estimate, mean over response tokens of log pi - log q).
 """
@@ -9,13 +9,14 @@ samples (the k1 estimate, mean over response tokens of log pi - log q).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from opdplus_jax import sampling, verifiers
+from opdplus_jax import verifiers
+from opdplus_jax.rollout import Rollout, RolloutEngine
 from opdplus_jax.tokenizer import Tokenizer
 
 
@@ -27,32 +28,37 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
 
 
 def evaluate_policy(
-    policy: Any,
+    engine: RolloutEngine,
+    params: Any,
     tokenizer: Tokenizer,
     examples: Sequence[dict],
     prompts: Sequence[Sequence[int]],
     *,
     num_samples: int = 1,
-    temperature: float = 0.0,
-    max_new_tokens: int = 64,
     batch_size: int = 32,
     rng: jax.Array | None = None,
-    teacher_logprobs: Any = None,
-    progress: Any = None,
+    teacher_logprobs: Callable[[Rollout], Any] | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> dict[str, float]:
     """Accuracy, pass@k (k = 1, 2, 4, ... <= num_samples), response length, KL to a teacher.
 
     Args:
-      policy: the student (an NNX model or its (graphdef, params) split).
+      engine: samples the responses (its `SamplingParams`: temperature 0 = greedy, length).
+      params: the policy's weights, as the engine takes them.
       examples: one dict per problem with at least `answer` (and `task`/`domain` for dispatch).
       prompts: the chat-templated prompt token ids of each problem.
-      teacher_logprobs: optional callable (generate result) -> [B, T] teacher log-probs of the
-        sampled tokens; enables `kl_per_token`.
+      batch_size: rows per engine call; the last call is padded to it so one compilation serves
+        every call.
+      rng: required when the engine samples (temperature > 0); call k uses fold_in(rng, k's
+        first row).
+      teacher_logprobs: optional callable (rollout) -> [B, T] teacher log-probs of the sampled
+        tokens; enables `kl_per_token`, a k1 estimate that is a KL only on samples of the
+        policy itself (temperature 1, no truncation).
       progress: optional callable(n) advanced by the number of problems done.
     """
     if len(examples) != len(prompts):
         raise ValueError(f"{len(examples)} examples but {len(prompts)} prompts")
-    if temperature > 0 and rng is None:
+    if engine.sampling.temperature > 0 and rng is None:
         raise ValueError("rng is required when temperature > 0")
     correct = np.zeros((len(examples), num_samples), np.float32)
     stats = verifiers.VerifierStats()
@@ -63,17 +69,9 @@ def evaluate_policy(
         batch_prompts = [list(prompts[i]) for i, _ in chunk]
         pad = batch_size - len(chunk)  # pad to a fixed batch so one compilation serves all
         batch_prompts += [batch_prompts[-1]] * pad
-        result = sampling.generate(
-            policy,
-            batch_prompts,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            eos_token_id=list(tokenizer.eos_ids),
-            pad_token_id=tokenizer.pad_id,
-            rng=None if rng is None else jax.random.fold_in(rng, start),
-            vocab_size=tokenizer.vocab_size,
-        )
-        tokens, mask = np.asarray(result.tokens), np.asarray(result.mask)
+        key = None if rng is None else jax.random.fold_in(rng, start)
+        rollout = engine.generate(params, batch_prompts, rng=key)
+        tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
         texts = tokenizer.batch_decode(
             [t[m > 0].tolist() for t, m in zip(tokens, mask, strict=True)]
         )
@@ -84,8 +82,8 @@ def evaluate_policy(
             correct[i, s] = score
         lengths.extend(mask[: len(chunk)].sum(-1).tolist())
         if teacher_logprobs is not None:
-            lt = np.asarray(teacher_logprobs(result))[: len(chunk)]
-            ls = np.asarray(result.logprobs)[: len(chunk)]
+            lt = np.asarray(teacher_logprobs(rollout))[: len(chunk)]
+            ls = np.asarray(rollout.policy_logp)[: len(chunk)]
             m = mask[: len(chunk)]
             kl_sum += float(((ls - lt) * m).sum())
             kl_count += float(m.sum())

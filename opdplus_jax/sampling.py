@@ -29,16 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
+from opdplus_jax import sharding
 from opdplus_jax.scoring import (
     TRACE_COUNTS,
     ModelLike,
-    batch_axes,
     gather_logprobs,
-    infer_mesh,
-    place_rows,
     positions_from_mask,
     split_model,
 )
@@ -135,7 +131,7 @@ def _gumbel_argmax(key, logits_BK):
     return jnp.argmax(logits_BK + jax.lax.optimization_barrier(gumbel_BK), axis=-1)
 
 
-def _categorical(keys_B, step, logits_BK):
+def categorical(keys_B, step, logits_BK):
     """One exact draw per row from softmax(logits_BK), with the row's key folded with `step`.
 
     Two-stage Gumbel-max: the K logits are split into G groups of about sqrt(K); a group is drawn
@@ -186,7 +182,7 @@ def _sample_step(logits_BV, keys_B, step, temperature, top_p, *, greedy, top_k, 
         sample_logp_B = jnp.zeros(tok_B.shape, jnp.float32)
     else:
         vals_BK, ids_BK = _truncate(logits_BV / temperature, top_k, use_top_p, top_p)
-        choice_B = _categorical(keys_B, step, vals_BK)
+        choice_B = categorical(keys_B, step, vals_BK)
         sample_logp_B = gather_logprobs(vals_BK, choice_B)
         tok_B = choice_B if ids_BK is None else jnp.take_along_axis(ids_BK, choice_B[:, None], -1)
         tok_B = tok_B.reshape(-1).astype(jnp.int32)
@@ -270,14 +266,10 @@ class _Static:
     pad_token_id: int = 0
     vocab_size: int | None = None
     mesh: jax.sharding.Mesh | None = None
-    batch_axes: tuple[str, ...] = ()
 
     def constrain(self, x):
-        """Shard dim 0 of `x` over the batch axes (no-op without a mesh)."""
-        if self.mesh is None or not self.batch_axes:
-            return x
-        spec = P(self.batch_axes, *([None] * (x.ndim - 1)))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+        """Shard dim 0 of `x` over the mesh's batch axes (no-op without a mesh)."""
+        return sharding.constrain_rows(x, self.mesh)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "static"))
@@ -426,16 +418,15 @@ def generate(
     if any(t < 0 for t in stop_ids):
         raise ValueError(f"eos_token_id and stop_token_ids must be >= 0; got {stop_ids}")
     graphdef, params, rest = split_model(model)
-    mesh = mesh if mesh is not None else infer_mesh(params)
+    mesh = mesh if mesh is not None else sharding.infer_mesh(params)
     tokens_np, mask_np = pad_prompts(
         prompts, prompt_mask=prompt_mask, buckets=prompt_buckets, pad_token_id=pad_token_id
     )
     B, Pn = tokens_np.shape
-    tokens, mask, row_ids = place_rows(mesh, tokens_np, mask_np, np.arange(B, dtype=np.int32))
-    static = _Static(
-        cache_length=Pn + max_new_tokens - 1, vocab_size=vocab_size, mesh=mesh,
-        batch_axes=batch_axes(mesh),
-    )  # fmt: skip
+    tokens, mask, row_ids = sharding.place_rows(
+        mesh, tokens_np, mask_np, np.arange(B, dtype=np.int32)
+    )
+    static = _Static(cache_length=Pn + max_new_tokens - 1, vocab_size=vocab_size, mesh=mesh)
     logits0, cache = _prefill(graphdef, params, rest, tokens, mask, static=static)
     static = dataclasses.replace(
         static, max_new_tokens=max_new_tokens, greedy=greedy, top_k=int(top_k),

@@ -1,13 +1,17 @@
-"""Per-token log-probs of completions under a model, in one jitted forward.
+"""Per-token log-probs of completions under a model: the package's one scoring path.
 
-The trainer scores the sampled completions with the teacher, the reference and (for the
-importance-sampling recompute) the student: `token_logprobs` runs one causal forward over the
-concatenated [left-padded prompt | completion] sequence and gathers, at every completion position,
-the float32 log-prob of the completion token under the unmodified model (temperature 1, no
-truncation). Prompt and completion use the same layout as `sampling.generate` returns, so
-`token_logprobs(student, r.prompt_tokens, r.prompt_mask, r.tokens, r.mask)` reproduces
-`r.logprobs` up to float32 rounding. `completion_logprobs` is the traceable core (used inside the
-train step's jitted update too); it needs the models' `hidden_states`/`logits` methods.
+Every log-prob of a sampled completion that OPD uses (the student's recompute inside the train
+step, every teacher and reference, evaluation's KL, the demo's report) comes from
+`completion_logprobs`: one causal forward over the concatenated [left-padded prompt | completion]
+sequence that gathers, at every completion position, the float32 log-prob of the completion token
+under the unmodified model (temperature 1, no truncation). It is traceable, so the fused train
+step calls it inside its own jit; everything outside a jit calls `token_logprobs` (or
+`rollout_logprobs` for a `Rollout`), which validates its input, places the rows on the params'
+mesh and runs `completion_logprobs` compiled once per (architecture, shapes, vocab_size).
+
+Prompt and completion use the layout of `sampling.generate` and `rollout.Rollout`, so
+`token_logprobs(student, r.prompt_tokens, r.prompt_mask, r.tokens, r.mask)` reproduces the
+sampler's `logprobs` up to float32 rounding.
 
 Models are used as pure functions: `split_model` turns an NNX module into (graphdef, params, rest);
 the graphdef is a static (hashed) argument of the compiled function and the params are ordinary
@@ -17,17 +21,14 @@ arguments, so one compilation serves any weights of the same architecture.
 from __future__ import annotations
 
 import collections
-import math
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from opdplus_jax.sharding import BATCH_AXES
+from opdplus_jax import sharding
 
 # Number of times each compiled function has been traced (a Python side effect that runs only
 # while tracing, so it counts compilations). Tests use it to check that repeated calls reuse the
@@ -52,36 +53,6 @@ def split_model(model: ModelLike) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
         "model must be an nnx.Module or a (graphdef, params) tuple from "
         f"nnx.split(model, nnx.Param); got {type(model).__name__}"
     )
-
-
-def infer_mesh(tree: Any) -> jax.sharding.Mesh | None:
-    """The mesh of the first `NamedSharding`-placed array in `tree`, else None."""
-    for leaf in jax.tree.leaves(tree):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(
-            sharding.mesh, jax.sharding.Mesh
-        ):
-            return sharding.mesh
-    return None
-
-
-def batch_axes(mesh: jax.sharding.Mesh | None) -> tuple[str, ...]:
-    """The mesh axes the batch is split over (`data`, `fsdp`, those present and larger than 1)."""
-    if mesh is None:
-        return ()
-    return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-
-
-def place_rows(mesh: jax.sharding.Mesh | None, *arrays: Any) -> tuple[jax.Array, ...]:
-    """Pad [B, ...] arrays with zero rows to a multiple of the batch shards and split dim 0 over
-    the mesh's batch axes (no-op without a mesh). Slice results back to the first B rows."""
-    axes = batch_axes(mesh)
-    if not axes:
-        return tuple(jnp.asarray(a) for a in arrays)
-    extra = -len(arrays[0]) % math.prod(mesh.shape[a] for a in axes)
-    sharding = NamedSharding(mesh, P(axes))
-    pad = lambda a: jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1)) if extra else a
-    return tuple(jax.device_put(pad(jnp.asarray(a)), sharding) for a in arrays)
 
 
 def gather_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
@@ -180,6 +151,21 @@ def token_logprobs(
             "prompt and completion must have the same batch size and the prompt at least one "
             f"position; got prompt {prompt_tokens.shape}, completion {completion_tokens.shape}"
         )
-    placed = place_rows(infer_mesh(params), *(a.astype(jnp.int32) for a in arrays))
+    placed = sharding.place_rows(
+        sharding.infer_mesh(params), *(a.astype(jnp.int32) for a in arrays)
+    )
     logp_BT = _token_logprobs(graphdef, params, rest, *placed, vocab_size=vocab_size)
     return logp_BT[: prompt_tokens.shape[0]]
+
+
+def rollout_logprobs(model: ModelLike, rollout: Any, *, vocab_size: int | None = None) -> jax.Array:
+    """`token_logprobs` of a `rollout.Rollout`'s completions (anything with `prompt_tokens`,
+    `prompt_mask`, `tokens` and `mask` attributes): [B, T] float32, 0 where the mask is 0."""
+    return token_logprobs(
+        model,
+        rollout.prompt_tokens,
+        rollout.prompt_mask,
+        rollout.tokens,
+        rollout.mask,
+        vocab_size=vocab_size,
+    )

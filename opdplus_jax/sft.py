@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from opdplus_jax import data, models, sharding, train_step
+from opdplus_jax import data, models, optim, sharding
 from opdplus_jax.tokenizer import Tokenizer
 
 LogFn = Callable[[int, Mapping[str, float]], None]
@@ -72,25 +71,21 @@ def make_optimizer(
     *,
     warmup_steps: int | None = None,
     weight_decay: float = 0.0,
-    grad_clip: float = 1.0,
+    grad_clip: float | None = 1.0,
     schedule: str = "cosine",
 ) -> optax.GradientTransformation:
-    """Clip -> AdamW on a warm-up + cosine (or constant) schedule (`train_step.make_optimizer`).
-
-    `warmup_steps` defaults to 5% of `steps`. Equal settings give the same optimizer object
-    (see `train_step.make_optimizer`), so repeated runs reuse the compiled step."""
+    """Clip -> AdamW (b2 = 0.98) on a warm-up + cosine (or constant) schedule: the package's
+    `optim.make_optimizer` with SFT's defaults; `warmup_steps` defaults to 5% of `steps`."""
     warmup = max(1, steps // 20) if warmup_steps is None else warmup_steps
-    cfg = types.SimpleNamespace(
+    return optim.make_optimizer(
+        steps,
         learning_rate=learning_rate,
         schedule=schedule,
         warmup_steps=warmup,
         weight_decay=weight_decay,
-        b1=0.9,
         b2=0.98,
         grad_clip=grad_clip,
-        grad_accum=1,
     )
-    return train_step.make_optimizer(cfg, steps)
 
 
 def print_log(step: int, metrics: Mapping[str, float]) -> None:

@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis rules and placement helpers.
+"""Device mesh, logical-axis rules and every placement helper of the package.
 
 The mesh has three named axes, defined once here:
 
@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -211,6 +212,47 @@ def shard_batch(batch: Any, mesh: Mesh, batch_axes: str | tuple[str, ...] = BATC
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree.map(one, batch)
+
+
+def infer_mesh(tree: Any) -> Mesh | None:
+    """The mesh of the first `NamedSharding`-placed array in `tree`, else None."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh):
+            return sharding.mesh
+    return None
+
+
+def batch_axes(mesh: Mesh | None) -> tuple[str, ...]:
+    """The mesh axes the batch is split over (`data`, `fsdp`, those present and larger than 1)."""
+    if mesh is None:
+        return ()
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def place_rows(mesh: Mesh | None, *arrays: Any) -> tuple[jax.Array, ...]:
+    """Pad [B, ...] arrays with zero rows to a multiple of the batch shards and split dim 0 over
+    the mesh's batch axes (no-op without a mesh). Slice results back to the first B rows.
+
+    For single-process callers that hold the whole batch (the sampler, scoring); the train step's
+    process-local batches go through `shard_batch`.
+    """
+    axes = batch_axes(mesh)
+    if not axes:
+        return tuple(jnp.asarray(a) for a in arrays)
+    extra = -len(arrays[0]) % math.prod(mesh.shape[a] for a in axes)
+    sharding = NamedSharding(mesh, PartitionSpec(axes))
+    pad = lambda a: jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1)) if extra else a
+    return tuple(jax.device_put(pad(jnp.asarray(a)), sharding) for a in arrays)
+
+
+def constrain_rows(x: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """Inside jit: shard dim 0 of `x` over the mesh's batch axes (no-op without a mesh)."""
+    axes = batch_axes(mesh)
+    if not axes:
+        return x
+    spec = PartitionSpec(axes, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def constrain(

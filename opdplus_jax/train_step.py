@@ -2,14 +2,10 @@
 
 Models are pure functions: each jitted function takes the student's params and the frozen
 teachers' and references' params as arguments, with their graphdefs static. One compilation
-therefore serves any weights (and the sampler shares the student's params).
-
-A rollout batch (B = prompts x samples, P = prompt bucket, T = max_new_tokens) is a dict::
-
-    prompt_tokens, prompt_mask  int32 [B, P]   left-padded prompts (as `sampling.generate` returns)
-    tokens, mask                int32 [B, T]   sampled responses; mask 1 through EOS
-    behaviour_logp              float32 [B, T] the sampler's log-probs of its own distribution
-    teacher                     int32 [B]      which teacher scores each row
+therefore serves any weights (and the sampler shares the student's params). The batch is a
+`rollout.Rollout` (B = prompts x samples rows, prompt-major); the step reads its prompts and
+completions, the behaviour log-probs (truncated IS) and each row's teacher index. Every log-prob
+comes from `scoring.completion_logprobs`, the package's one scoring path, traced into the step.
 
 Multi-teacher routing: every teacher scores the batch and each row keeps its own teacher's
 log-probs, reward scale lambda and reference, so advantages are built per row from its teacher.
@@ -34,8 +30,7 @@ import optax
 from flax import nnx
 
 from opdplus_jax import divergences, estimators, losses, scoring
-
-ROLLOUT_KEYS = ("prompt_tokens", "prompt_mask", "tokens", "mask", "behaviour_logp", "teacher")
+from opdplus_jax.rollout import Rollout
 
 
 @flax.struct.dataclass
@@ -74,58 +69,14 @@ class StepConfig:
     tis_cap: float | None = None
 
 
-OPTIMIZER_FIELDS = (
-    "learning_rate",
-    "schedule",
-    "warmup_steps",
-    "weight_decay",
-    "b1",
-    "b2",
-    "grad_clip",
-    "grad_accum",
-)
-
-
-def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-    """optax chain from `config.optimizer`: global-norm clip, AdamW on a schedule, accumulation.
-
-    The cosine schedule decays to 0 over `total_steps` optimizer updates after the warm-up.
-    Equal settings return the same optimizer object: the jitted steps take it as a static
-    argument, so runs with equal settings in one process (sweeps, tests) share their compilation.
-    """
-    return _make_optimizer(tuple(getattr(cfg, k) for k in OPTIMIZER_FIELDS), total_steps)
-
-
-@functools.lru_cache(maxsize=64)
-def _make_optimizer(values: tuple, total_steps: int) -> optax.GradientTransformation:
-    cfg = dict(zip(OPTIMIZER_FIELDS, values, strict=True))
-    lr, warmup = cfg["learning_rate"], max(cfg["warmup_steps"], 1)
-    if cfg["schedule"] == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1))
-    elif cfg["schedule"] == "constant":
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
-        )
-    else:
-        raise ValueError(
-            f"optimizer.schedule must be 'cosine' or 'constant', got {cfg['schedule']!r}"
-        )
-    parts = [optax.clip_by_global_norm(cfg["grad_clip"])] if cfg["grad_clip"] > 0 else []
-    parts.append(
-        optax.adamw(schedule, b1=cfg["b1"], b2=cfg["b2"], weight_decay=cfg["weight_decay"])
-    )
-    opt = optax.chain(*parts)
-    return optax.MultiSteps(opt, cfg["grad_accum"]) if cfg["grad_accum"] > 1 else opt
-
-
-def completion_logprobs(graphdef, params, batch, vocab_size: int) -> jax.Array:
-    """log pi(y_t | c_t) [B, T] of the response tokens under a model, in one forward (float32)."""
+def _completion_logprobs(graphdef, params, rollout, vocab_size: int) -> jax.Array:
+    """log pi(y_t | c_t) [B, T] of a rollout's completion tokens under a model (float32)."""
     return scoring.completion_logprobs(
         nnx.merge(graphdef, params),
-        batch["prompt_tokens"],
-        batch["prompt_mask"],
-        batch["tokens"],
-        batch["mask"],
+        rollout.prompt_tokens,
+        rollout.prompt_mask,
+        rollout.tokens,
+        rollout.mask,
         vocab_size,
     )
 
@@ -138,15 +89,15 @@ def _route(per_teacher: list[jax.Array], teacher_B: jax.Array) -> jax.Array:
     return jnp.take_along_axis(stacked, teacher_B[None, :, None], axis=0)[0]
 
 
-def _advantages(cfg: StepConfig, frozen: Frozen, batch, student_logp):
+def _advantages(cfg: StepConfig, frozen: Frozen, batch: Rollout, student_logp):
     """Per-row advantages from each row's teacher (and reference), plus diagnostics."""
     logp_sg = jax.lax.stop_gradient(student_logp)
     teacher_logps = [
-        completion_logprobs(g, p, batch, cfg.vocab_size)
+        _completion_logprobs(g, p, batch, cfg.vocab_size)
         for g, p in zip(cfg.teachers, frozen.teachers, strict=True)
     ]
     ref_logps = [
-        completion_logprobs(g, p, batch, cfg.vocab_size)
+        _completion_logprobs(g, p, batch, cfg.vocab_size)
         for g, p in zip(cfg.references, frozen.references, strict=True)
     ]
     advs, log_us, clips = [], [], []
@@ -155,7 +106,7 @@ def _advantages(cfg: StepConfig, frozen: Frozen, batch, student_logp):
         est = estimators.estimate(
             logp_sg,
             lt,
-            batch["mask"],
+            batch.mask,
             divergence=cfg.divergence,
             correction=cfg.correction,
             level=cfg.level,
@@ -167,12 +118,12 @@ def _advantages(cfg: StepConfig, frozen: Frozen, batch, student_logp):
         advs.append(est.advantages)
         log_us.append(est.log_ratio)
         clips.append(est.clip_fraction)
-    adv = _route(advs, batch["teacher"])
+    adv = _route(advs, batch.teacher)
     if cfg.baseline is not None:
-        adv = estimators.group_baseline(adv, batch["mask"], cfg.group_size, kind=cfg.baseline)
-    teacher_logp = _route(teacher_logps, batch["teacher"])
-    log_u = _route(log_us, batch["teacher"])
-    fm = (batch["mask"] > 0).astype(jnp.float32)
+        adv = estimators.group_baseline(adv, batch.mask, cfg.group_size, kind=cfg.baseline)
+    teacher_logp = _route(teacher_logps, batch.teacher)
+    log_u = _route(log_us, batch.teacher)
+    fm = (batch.mask > 0).astype(jnp.float32)
     count = jnp.maximum(fm.sum(), 1.0)
     big = jnp.finfo(jnp.float32).max
     stats = {
@@ -215,17 +166,17 @@ def _loss_stats(stats: losses.LossStats) -> dict[str, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opt"), donate_argnames=("state",))
-def train_step(cfg: StepConfig, opt, state: TrainState, frozen: Frozen, batch):
+def train_step(cfg: StepConfig, opt, state: TrainState, frozen: Frozen, batch: Rollout):
     """One fused on-policy update: student/teacher/reference forwards, advantages, loss, step."""
 
     def loss_fn(params):
-        logp = completion_logprobs(cfg.student, params, batch, cfg.vocab_size)
+        logp = _completion_logprobs(cfg.student, params, batch, cfg.vocab_size)
         adv, stats = _advantages(cfg, frozen, batch, logp)
         loss, loss_stats = losses.pg_loss_and_stats(
             logp,
             adv,
-            batch["mask"],
-            behaviour_logp=batch["behaviour_logp"] if cfg.tis_cap else None,
+            batch.mask,
+            behaviour_logp=batch.behaviour_logp if cfg.tis_cap else None,
             tis_cap=cfg.tis_cap,
             aggregation=cfg.aggregation,
         )
@@ -234,26 +185,33 @@ def train_step(cfg: StepConfig, opt, state: TrainState, frozen: Frozen, batch):
     return _update(cfg, opt, state, loss_fn)
 
 
+class Scored(NamedTuple):
+    """A rollout's student log-probs and advantages, fixed for its minibatch updates ([B, T])."""
+
+    old_logp: jax.Array
+    advantages: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def score_rollout(cfg: StepConfig, params, frozen: Frozen, batch):
+def score_rollout(cfg: StepConfig, params, frozen: Frozen, batch: Rollout):
     """Old log-probs and advantages of a rollout, fixed for its minibatch updates."""
-    logp = completion_logprobs(cfg.student, params, batch, cfg.vocab_size)
+    logp = _completion_logprobs(cfg.student, params, batch, cfg.vocab_size)
     adv, stats = _advantages(cfg, frozen, batch, logp)
-    return {"old_logp": logp, "advantages": adv}, stats
+    return Scored(old_logp=logp, advantages=adv), stats
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opt"), donate_argnames=("state",))
-def update_step(cfg: StepConfig, opt, state: TrainState, batch):
+def update_step(cfg: StepConfig, opt, state: TrainState, batch: Rollout, scored: Scored):
     """One minibatch update against fixed old log-probs and advantages (PPO clip, TIS)."""
 
     def loss_fn(params):
-        logp = completion_logprobs(cfg.student, params, batch, cfg.vocab_size)
+        logp = _completion_logprobs(cfg.student, params, batch, cfg.vocab_size)
         loss, loss_stats = losses.pg_loss_and_stats(
             logp,
-            batch["advantages"],
-            batch["mask"],
-            old_logp=batch["old_logp"],
-            behaviour_logp=batch["behaviour_logp"] if cfg.tis_cap else None,
+            scored.advantages,
+            batch.mask,
+            old_logp=scored.old_logp,
+            behaviour_logp=batch.behaviour_logp if cfg.tis_cap else None,
             tis_cap=cfg.tis_cap,
             ppo_clip=cfg.ppo_clip,
             aggregation=cfg.aggregation,

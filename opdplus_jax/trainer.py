@@ -1,19 +1,24 @@
 """On-policy distillation loop: rollout -> score -> advantages -> update, with checkpoints.
 
-`train_and_evaluate(config, workdir)` is the whole job (the CLI in `opdplus_jax.main` is a thin
-wrapper). Per step: draw a batch of prompts (grain pipeline), sample `num_samples` responses per
-prompt from the current student (`sampling.generate`), score them with every model and update
-the student in one jitted, donated step (`train_step`), log metrics (JSONL, TensorBoard, progress
-bar), and periodically evaluate on held-out prompts and checkpoint (orbax: params, optimizer
-state, step, RNG, data-iterator state). Restarting with the same workdir resumes from the latest
-complete checkpoint, bit-for-bit on the same machine: the step's RNG is fold_in(seed key, step)
-and the data iterator resumes where it stopped.
+`Trainer` holds everything loaded for a run (mesh, tokenizer, student, frozen teachers and
+references, the static step config, the rollout engines, the optimizer) and exposes each part of
+a step as a public method: `rollout` (the student samples `num_samples` responses per prompt
+through its `rollout.RolloutEngine`), `update` (one jitted, donated `train_step`, or PPO-style
+minibatch updates), `evaluate`, `save`/`restore` (orbax: params, optimizer state, step, RNG,
+data-iterator state) and `export` (a Hugging Face folder). `Trainer.train(workdir)` is the whole
+job, and `train_and_evaluate(config, workdir)` (what the CLI in `opdplus_jax.main` runs) is
+`Trainer.setup(config).train(workdir)`. Benchmarks, the demo and the experiments use the same
+methods.
+
+Restarting with the same workdir resumes from the latest complete checkpoint, bit-for-bit on the
+same machine: the step's RNG is fold_in(seed key, step) and the data iterator resumes where it
+stopped. A feature that is off is None in the config (`estimator.baseline`, `log_ratio_clip`,
+`teachers.<name>.reference`, `loss.ppo_clip`, `loss.tis_cap`, `optimizer.grad_clip`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import time
@@ -29,20 +34,20 @@ from opdplus_jax import (
     checkpoint,
     data,
     divergences,
+    estimators,
     evaluation,
     metrics,
     models,
-    sampling,
+    optim,
+    scoring,
     sharding,
     train_step,
     verifiers,
 )
+from opdplus_jax.rollout import Rollout, SamplingParams, StaticEngine
 from opdplus_jax.tokenizer import Tokenizer, check_compatible
 
 logger = logging.getLogger(__name__)
-
-REFERENCE_CHOICES = ("student_init", "none")
-BASELINES = ("none", "loo", "mean", "mean_std")
 
 
 class NonFiniteError(RuntimeError):
@@ -64,21 +69,37 @@ def _require_dir(path: str, what: str) -> str:
     return path
 
 
+def _off_or_positive(value: Any, field: str) -> float | None:
+    """None (off) or a finite number > 0; the old spellings 0 / "none" get an error naming None."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not np.isfinite(float(value)) or float(value) <= 0:
+        raise ValueError(f"{field} must be None (off) or a finite number > 0; got {value!r}")
+    return float(value)
+
+
 def validate(config: config_dict.ConfigDict) -> None:
     """Fail fast, with the fix named, on a config the step would reject deep inside JAX."""
     est = config.estimator
     divergences.get(est.divergence, **dict(est.divergence_params))
-    if est.baseline not in BASELINES:
-        raise ValueError(f"estimator.baseline must be one of {BASELINES}, got {est.baseline!r}")
+    if est.baseline == "none":
+        raise ValueError("estimator.baseline: no baseline is None, not 'none'")
+    if est.baseline is not None:
+        estimators.BASELINES.get(est.baseline)  # an unknown name lists the valid ones
     if est.baseline == "loo" and config.rollout.num_samples < 2:
         raise ValueError("estimator.baseline='loo' needs rollout.num_samples >= 2")
+    _off_or_positive(est.log_ratio_clip, "estimator.log_ratio_clip")
+    _off_or_positive(config.loss.ppo_clip, "loss.ppo_clip")
+    _off_or_positive(config.loss.tis_cap, "loss.tis_cap")
     if not config.teachers:
         raise ValueError("config.teachers is empty: add at least one teacher")
     for name, t in config.teachers.items():
         lam = float(t.reward_scale)
         if not np.isfinite(lam):
             raise ValueError(f"teachers.{name}.reward_scale must be finite, got {lam}")
-        if lam != 1.0 and t.reference == "none":
+        if t.reference == "none":
+            raise ValueError(f"teachers.{name}.reference: no reference is None, not 'none'")
+        if lam != 1.0 and t.reference is None:
             raise ValueError(
                 f"teachers.{name}.reward_scale={lam} needs a reference model: set "
                 f"teachers.{name}.reference to 'student_init' or a checkpoint folder"
@@ -91,134 +112,7 @@ def validate(config: config_dict.ConfigDict) -> None:
         )
 
 
-@dataclasses.dataclass
-class Setup:
-    """Everything loaded for a run."""
-
-    mesh: jax.sharding.Mesh
-    tokenizer: Tokenizer
-    student: nnx.Module
-    step_cfg: train_step.StepConfig
-    frozen: train_step.Frozen
-    teacher_names: list[str]
-
-
-def load(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Setup:
-    """Loads the student, teachers, references and tokenizer onto the mesh; checks vocabularies."""
-    validate(config)
-    mesh = mesh if mesh is not None else sharding.make_mesh(dict(config.mesh))
-    kw = {"dtype": _dtype(config.student.dtype), "param_dtype": _dtype(config.student.param_dtype)}
-    student_path = _require_dir(config.student.path, "student.path")
-    student = models.from_pretrained(student_path, mesh=mesh, **kw)
-    tokenizer = Tokenizer.from_pretrained(config.tokenizer_path or student_path)
-    names = list(config.teachers.keys())
-    teachers, references, reference_of, ref_index = [], [], [], {}
-    for name in names:
-        t = config.teachers[name]
-        path = _require_dir(t.path, f"teachers.{name}.path")
-        teacher = models.from_pretrained(path, mesh=mesh, **kw)
-        has_tokenizer = any(
-            os.path.isfile(os.path.join(path, f))
-            for f in ("tokenizer.json", "tokenizer_config.json")
-        )
-        teacher_tok = Tokenizer.from_pretrained(path) if has_tokenizer else tokenizer
-        check_compatible(tokenizer, teacher_tok, student.config, teacher.config)
-        teachers.append(teacher)
-        if float(t.reward_scale) == 1.0 or t.reference == "none":
-            reference_of.append(None)
-            continue
-        key = t.reference
-        if key not in ref_index:
-            if key == "student_init":
-                ref = models.from_pretrained(student_path, mesh=mesh, **kw)  # a frozen copy
-            else:
-                ref = models.from_pretrained(
-                    _require_dir(key, f"teachers.{name}.reference"), mesh=mesh, **kw
-                )
-                check_compatible(tokenizer, tokenizer, student.config, ref.config)
-            ref_index[key] = len(references)
-            references.append(ref)
-        reference_of.append(ref_index[key])
-    est = config.estimator
-    step_cfg = train_step.StepConfig(
-        student=nnx.split(student, nnx.Param)[0],
-        teachers=tuple(nnx.split(m, nnx.Param)[0] for m in teachers),
-        references=tuple(nnx.split(m, nnx.Param)[0] for m in references),
-        reward_scales=tuple(float(config.teachers[n].reward_scale) for n in names),
-        reference_of=tuple(reference_of),
-        vocab_size=tokenizer.vocab_size,
-        divergence=divergences.get(est.divergence, **dict(est.divergence_params)),
-        correction=est.correction,
-        level=est.level,
-        discount=float(est.discount),
-        log_ratio_clip=float(est.log_ratio_clip) or None,
-        baseline=None if est.baseline == "none" else est.baseline,
-        group_size=config.rollout.num_samples,
-        aggregation=config.loss.aggregation,
-        ppo_clip=float(config.loss.ppo_clip) or None,
-        tis_cap=float(config.loss.tis_cap) or None,
-    )
-    frozen = train_step.Frozen(
-        teachers=tuple(nnx.split(m, nnx.Param)[1] for m in teachers),
-        references=tuple(nnx.split(m, nnx.Param)[1] for m in references),
-    )
-    return Setup(mesh, tokenizer, student, step_cfg, frozen, names)
-
-
-def _rollout_rewards(setup: Setup, config, prompts_batch, result, stats) -> dict[str, float]:
-    """Verifier accuracy of the training rollouts (logged, never used in the loss)."""
-    n = config.rollout.num_samples
-    texts = setup.tokenizer.batch_decode(np.asarray(result.tokens), np.asarray(result.mask))
-    cols = {k: prompts_batch[k] for k in ("answer", "task", "domain") if k in prompts_batch}
-    rows = [{k: v[i // n] for k, v in cols.items()} for i in range(len(texts))]
-    scores, _ = verifiers.batch_verify(texts, rows, stats=stats)
-    return {"accuracy": float(np.mean(scores))}
-
-
-def _rollout(setup: Setup, config, params, prompts_batch, key) -> tuple[dict, Any]:
-    """Samples n responses per prompt; returns the train batch (numpy) and the raw result."""
-    n = config.rollout.num_samples
-    prompts = [p for p in prompts_batch["prompt_tokens"] for _ in range(n)]
-    result = sampling.generate(
-        (setup.step_cfg.student, params),
-        prompts,
-        max_new_tokens=config.rollout.max_new_tokens,
-        temperature=config.rollout.temperature,
-        top_p=config.rollout.top_p,
-        top_k=config.rollout.top_k,
-        eos_token_id=list(setup.tokenizer.eos_ids),
-        pad_token_id=setup.tokenizer.pad_id,
-        rng=key,
-        vocab_size=setup.step_cfg.vocab_size,
-    )
-    batch = {
-        "prompt_tokens": result.prompt_tokens,
-        "prompt_mask": result.prompt_mask,
-        "tokens": result.tokens,
-        "mask": result.mask,
-        "behaviour_logp": result.sampling_logprobs,
-        "teacher": jnp.asarray(np.repeat(prompts_batch["teacher"], n), jnp.int32),
-    }
-    return batch, result
-
-
-def _update(setup: Setup, config, opt, state, batch):
-    """One fused step, or PPO-style minibatch updates against fixed old log-probs."""
-    cfg, k = setup.step_cfg, config.loss.num_minibatches
-    batch = sharding.shard_batch(batch, setup.mesh)
-    if k == 1:
-        return train_step.train_step(cfg, opt, state, setup.frozen, batch)
-    fixed, stats = train_step.score_rollout(cfg, state.params, setup.frozen, batch)
-    full = {**batch, **fixed}
-    size = full["tokens"].shape[0] // k
-    out = {}
-    for i in range(k):
-        mb = jax.tree.map(lambda x, i=i: x[i * size : (i + 1) * size], full)
-        state, out = train_step.update_step(cfg, opt, state, sharding.shard_batch(mb, setup.mesh))
-    return state, {**stats, **out}
-
-
-def eval_set(config, tokenizer) -> tuple[list[dict], list[list[int]]]:
+def eval_set(config, tokenizer: Tokenizer) -> tuple[list[dict], list[list[int]]]:
     """The first `eval.num_prompts` held-out examples (answer, task, domain) and their prompt
     token ids, in file order; empty without `data.eval_path`."""
     if not config.data.eval_path:
@@ -242,38 +136,363 @@ def eval_set(config, tokenizer) -> tuple[list[dict], list[list[int]]]:
     return examples, prompts
 
 
-def evaluate(setup: Setup, config, params, examples, prompts, key) -> dict[str, float]:
-    """Held-out accuracy / pass@k of the student and its per-token KL to the first teacher."""
-    cfg = setup.step_cfg
+def _step_config(config, student, teachers, references, reference_of, vocab_size):
+    est = config.estimator
+    graphdef = lambda m: nnx.split(m, nnx.Param)[0]
+    return train_step.StepConfig(
+        student=graphdef(student),
+        teachers=tuple(graphdef(m) for m in teachers),
+        references=tuple(graphdef(m) for m in references),
+        reward_scales=tuple(float(t.reward_scale) for t in config.teachers.values()),
+        reference_of=tuple(reference_of),
+        vocab_size=vocab_size,
+        divergence=divergences.get(est.divergence, **dict(est.divergence_params)),
+        correction=est.correction,
+        level=est.level,
+        discount=float(est.discount),
+        log_ratio_clip=_off_or_positive(est.log_ratio_clip, "estimator.log_ratio_clip"),
+        baseline=est.baseline,
+        group_size=config.rollout.num_samples,
+        aggregation=config.loss.aggregation,
+        ppo_clip=_off_or_positive(config.loss.ppo_clip, "loss.ppo_clip"),
+        tis_cap=_off_or_positive(config.loss.tis_cap, "loss.tis_cap"),
+    )
 
-    def teacher_logprobs(result):
-        batch = {
-            "prompt_tokens": result.prompt_tokens,
-            "prompt_mask": result.prompt_mask,
-            "tokens": result.tokens,
-            "mask": result.mask,
+
+@dataclasses.dataclass
+class Trainer:
+    """A loaded run: build one with `Trainer.setup(config)`; `train(workdir)` runs it.
+
+    Attributes:
+      config: the run's (locked) config.
+      mesh: the device mesh every model and batch is placed on.
+      tokenizer: the student's tokenizer (teachers and references share its vocabulary).
+      student: the student model at its initial weights (its graphdef is the step's).
+      step_cfg: the static part of the train step (graphdefs, estimator, loss settings).
+      frozen: the teachers' and references' params (no gradient, no optimizer state).
+      teacher_names: config.teachers' names; a row's `teacher` index points into it.
+      engine: samples the training rollouts (`config.rollout`).
+      eval_engine: samples the held-out evaluation (`config.eval`).
+      optimizer: the optax optimizer of `config.optimizer`.
+    """
+
+    config: config_dict.ConfigDict
+    mesh: jax.sharding.Mesh
+    tokenizer: Tokenizer
+    student: nnx.Module
+    step_cfg: train_step.StepConfig
+    frozen: train_step.Frozen
+    teacher_names: list[str]
+    engine: StaticEngine
+    eval_engine: StaticEngine
+    optimizer: Any
+
+    @classmethod
+    def setup(cls, config: config_dict.ConfigDict, *, mesh: jax.sharding.Mesh | None = None):
+        """Validates `config`, then loads the student, teachers, references and tokenizer onto
+        the mesh (`mesh` overrides `config.mesh`, e.g. a sub-mesh) and checks vocabularies."""
+        validate(config)
+        mesh = mesh if mesh is not None else sharding.make_mesh(dict(config.mesh))
+        kw = {
+            "dtype": _dtype(config.student.dtype),
+            "param_dtype": _dtype(config.student.param_dtype),
+            "mesh": mesh,
         }
-        return _score_teacher(cfg.teachers[0], setup.frozen.teachers[0], batch, cfg.vocab_size)
-
-    with metrics.progress(len(examples), "eval", leave=False) as bar:
-        return evaluation.evaluate_policy(
-            (cfg.student, params),
-            setup.tokenizer,
-            examples,
-            prompts,
-            num_samples=config.eval.num_samples,
-            temperature=config.eval.temperature,
-            max_new_tokens=config.eval.max_new_tokens,
-            batch_size=config.eval.batch_size,
-            rng=key,
-            teacher_logprobs=teacher_logprobs,
-            progress=bar.update,
+        student_path = _require_dir(config.student.path, "student.path")
+        student = models.from_pretrained(student_path, **kw)
+        tokenizer = Tokenizer.from_pretrained(config.tokenizer_path or student_path)
+        teachers, references, reference_of, ref_index = [], [], [], {}
+        for name, t in config.teachers.items():
+            path = _require_dir(t.path, f"teachers.{name}.path")
+            teacher = models.from_pretrained(path, **kw)
+            has_tokenizer = any(
+                os.path.isfile(os.path.join(path, f))
+                for f in ("tokenizer.json", "tokenizer_config.json")
+            )
+            teacher_tok = Tokenizer.from_pretrained(path) if has_tokenizer else tokenizer
+            check_compatible(tokenizer, teacher_tok, student.config, teacher.config)
+            teachers.append(teacher)
+            if float(t.reward_scale) == 1.0 or t.reference is None:
+                reference_of.append(None)
+                continue
+            if t.reference not in ref_index:
+                if t.reference == "student_init":
+                    ref = models.from_pretrained(student_path, **kw)  # a frozen copy
+                else:
+                    where = _require_dir(t.reference, f"teachers.{name}.reference")
+                    ref = models.from_pretrained(where, **kw)
+                    check_compatible(tokenizer, tokenizer, student.config, ref.config)
+                ref_index[t.reference] = len(references)
+                references.append(ref)
+            reference_of.append(ref_index[t.reference])
+        step_cfg = _step_config(
+            config, student, teachers, references, reference_of, tokenizer.vocab_size
+        )
+        frozen = train_step.Frozen(
+            teachers=tuple(nnx.split(m, nnx.Param)[1] for m in teachers),
+            references=tuple(nnx.split(m, nnx.Param)[1] for m in references),
+        )
+        r, e = config.rollout, config.eval
+        rollout_sampling = SamplingParams.for_tokenizer(
+            tokenizer,
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+        )
+        eval_sampling = SamplingParams.for_tokenizer(
+            tokenizer, max_new_tokens=e.max_new_tokens, temperature=e.temperature
+        )
+        return cls(
+            config=config,
+            mesh=mesh,
+            tokenizer=tokenizer,
+            student=student,
+            step_cfg=step_cfg,
+            frozen=frozen,
+            teacher_names=list(config.teachers.keys()),
+            engine=StaticEngine(step_cfg.student, rollout_sampling),
+            eval_engine=StaticEngine(step_cfg.student, eval_sampling),
+            optimizer=optim.from_config(config.optimizer, config.train.num_steps),
         )
 
+    # ------------------------------------------------------------------------------ one step
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "vocab_size"))
-def _score_teacher(graphdef, params, batch, vocab_size):
-    return train_step.completion_logprobs(graphdef, params, batch, vocab_size)
+    def init_state(self) -> train_step.TrainState:
+        """Step 0: the student's initial params and a fresh optimizer state."""
+        _, params = nnx.split(self.student, nnx.Param)
+        return train_step.TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params)
+        )
+
+    def rollout(self, params, prompts_batch: dict[str, Any], key: jax.Array) -> Rollout:
+        """`rollout.num_samples` responses per prompt of a data batch (`prompt_tokens`, and
+        `teacher` indices) from the student with `params`."""
+        return self.engine.generate(
+            params,
+            prompts_batch["prompt_tokens"],
+            rng=key,
+            num_samples=self.config.rollout.num_samples,
+            teacher=prompts_batch["teacher"],
+        )
+
+    def update(self, state: train_step.TrainState, rollout: Rollout):
+        """One fused step, or `loss.num_minibatches` PPO-style minibatch updates against the
+        log-probs and advantages fixed before the first: (new state, metrics)."""
+        cfg, opt, k = self.step_cfg, self.optimizer, self.config.loss.num_minibatches
+        batch = sharding.shard_batch(rollout, self.mesh)
+        if k == 1:
+            return train_step.train_step(cfg, opt, state, self.frozen, batch)
+        scored, stats = train_step.score_rollout(cfg, state.params, self.frozen, batch)
+        size = rollout.num_rows // k
+        out = {}
+        for i in range(k):
+            part = lambda x, i=i: x[i * size : (i + 1) * size]
+            mb, mb_scored = sharding.shard_batch(
+                (jax.tree.map(part, batch), jax.tree.map(part, scored)), self.mesh
+            )
+            state, out = train_step.update_step(cfg, opt, state, mb, mb_scored)
+        return state, {**stats, **out}
+
+    def rollout_rewards(
+        self, prompts_batch: dict[str, Any], rollout: Rollout, stats: verifiers.VerifierStats
+    ) -> dict[str, float]:
+        """Verifier accuracy of the training rollouts (logged, never used in the loss)."""
+        n = self.config.rollout.num_samples
+        texts = self.tokenizer.batch_decode(np.asarray(rollout.tokens), np.asarray(rollout.mask))
+        cols = {k: prompts_batch[k] for k in ("answer", "task", "domain") if k in prompts_batch}
+        rows = [{k: v[i // n] for k, v in cols.items()} for i in range(len(texts))]
+        scores, _ = verifiers.batch_verify(texts, rows, stats=stats)
+        return {"accuracy": float(np.mean(scores))}
+
+    def teacher_logprobs(self, rollout: Rollout, teacher: int = 0) -> jax.Array:
+        """[B, T] log-probs of the rollout's completions under teacher `teacher`."""
+        model = (self.step_cfg.teachers[teacher], self.frozen.teachers[teacher])
+        return scoring.rollout_logprobs(model, rollout, vocab_size=self.step_cfg.vocab_size)
+
+    # ------------------------------------------------------------------------------ evaluation
+
+    def eval_set(self) -> tuple[list[dict], list[list[int]]]:
+        """The held-out examples and prompt ids (`eval_set(config, tokenizer)`)."""
+        return eval_set(self.config, self.tokenizer)
+
+    def evaluate(self, params, key: jax.Array, examples=None, prompts=None) -> dict[str, float]:
+        """Held-out accuracy / pass@k of the student with `params` and its per-token KL to the
+        first teacher, on `examples`/`prompts` (default: `eval_set()`)."""
+        if examples is None:
+            examples, prompts = self.eval_set()
+        with metrics.progress(len(examples), "eval", leave=False) as bar:
+            return evaluation.evaluate_policy(
+                self.eval_engine,
+                params,
+                self.tokenizer,
+                examples,
+                prompts,
+                num_samples=self.config.eval.num_samples,
+                batch_size=self.config.eval.batch_size,
+                rng=key,
+                teacher_logprobs=self.teacher_logprobs,
+                progress=bar.update,
+            )
+
+    # ------------------------------------------------------------------------ checkpoints, export
+
+    def checkpoints(self, workdir: str) -> checkpoint.CheckpointManager:
+        """The run's checkpoint manager (`workdir/checkpoints`)."""
+        keep = self.config.train.keep_checkpoints
+        return checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints"), keep=keep)
+
+    def save(
+        self,
+        manager: checkpoint.CheckpointManager,
+        step: int,
+        state: train_step.TrainState,
+        *,
+        rng: jax.Array,
+        data_state: dict[str, Any] | None,
+        force: bool = False,
+    ) -> None:
+        """Checkpoint `state` as `step` (asynchronous; `force` saves off the schedule too)."""
+        manager.save(
+            step,
+            params=state.params,
+            opt_state=state.opt_state,
+            rng=rng,
+            data_state=data_state,
+            metadata={"updates": int(state.step)},
+            force=force,
+        )
+
+    def restore(
+        self, manager: checkpoint.CheckpointManager, rng: jax.Array
+    ) -> tuple[int, train_step.TrainState, Any] | None:
+        """(step, state, data state) of the latest complete checkpoint, or None if none."""
+        template = self.init_state()
+        restored = manager.restore_latest(
+            params=template.params, opt_state=template.opt_state, rng=rng
+        )
+        if restored is None:
+            return None
+        state = train_step.TrainState(
+            step=jnp.asarray(restored.metadata["updates"], jnp.int32),
+            params=restored.params,
+            opt_state=restored.opt_state,
+        )
+        return restored.step, state, restored.data_state
+
+    def restore_from(self, workdir: str) -> train_step.TrainState:
+        """The latest complete checkpoint's state under `workdir` (FileNotFoundError if none)."""
+        with self.checkpoints(workdir) as manager:
+            found = self.restore(manager, jax.random.key(0))
+        if found is None:
+            raise FileNotFoundError(f"no complete checkpoint under {workdir}/checkpoints")
+        return found[1]
+
+    def export(self, params, out_dir: str) -> str:
+        """The student with `params` as a Hugging Face folder (config, safetensors, tokenizer)."""
+        nnx.update(self.student, params)
+        models.save_pretrained(self.student, out_dir)
+        self.tokenizer.hf.save_pretrained(out_dir)
+        return out_dir
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def train(self, workdir: str) -> dict[str, float]:
+        """Runs (or resumes) the distillation in `workdir`; returns the last evaluation metrics
+        (also written to `workdir/metrics.jsonl`)."""
+        config = self.config
+        os.makedirs(workdir, exist_ok=True)
+        metrics.write_config(config, workdir)
+        state, key = self.init_state(), jax.random.key(config.seed)
+        pipeline = data.PromptPipeline(
+            config.data.train_path,
+            self.tokenizer,
+            batch_size=config.data.batch_size,
+            max_prompt_len=config.rollout.max_prompt_len,
+            seed=config.seed,
+            teachers=self.teacher_names if len(self.teacher_names) > 1 else None,
+            system_prompt=config.data.system_prompt,
+        )
+        examples, eval_prompts = self.eval_set()
+        ckpt = self.checkpoints(workdir)
+        start = 0
+        found = self.restore(ckpt, key)
+        if found is not None:
+            start, state, data_state = found
+            pipeline.set_state(data_state)
+            logger.info("resumed from step %d", start)
+        writer = metrics.MetricWriter(workdir)
+        writer.truncate_after(start)
+        timer, skips, last_eval = metrics.Timer(), 0, {}
+        verifier_stats = verifiers.VerifierStats()
+        bar = metrics.progress(config.train.num_steps, "train", initial=start)
+
+        def run_eval(step):
+            if not examples:
+                return {}
+            with timer("eval"):
+                out = self.evaluate(state.params, key, examples, eval_prompts)
+            writer.write(step, out, split="eval")
+            logger.info("eval %s", metrics.format_line(step, out))
+            return out
+
+        if start == 0 and examples:
+            last_eval = run_eval(0)
+        for step in range(start, config.train.num_steps):
+            step_key = jax.random.fold_in(key, step)
+            timer.reset()
+            with timer("data"):
+                prompts_batch = next(pipeline)
+            with timer("rollout"):
+                rollout = self.rollout(state.params, prompts_batch, step_key)
+                jax.block_until_ready(rollout.tokens)
+            with timer("reward"):
+                rewards = self.rollout_rewards(prompts_batch, rollout, verifier_stats)
+            with timer("update"):
+                state, step_metrics = self.update(state, rollout)
+                step_metrics = jax.device_get(step_metrics)
+            tokens = float(np.asarray(rollout.mask).sum())
+            row = {
+                **step_metrics,
+                **rewards,
+                **verifier_stats.metrics(),
+                **timer.summary(),
+                "tokens_per_second": tokens / timer.total(),
+            }
+            skips = skips + 1 if step_metrics["skipped"] else 0
+            if step % config.train.log_every == 0 or skips:
+                writer.write(step + 1, row)
+            if skips >= config.train.max_consecutive_skips:
+                writer.close()
+                raise NonFiniteError(
+                    f"{skips} consecutive steps had a non-finite loss or gradient (last at step "
+                    f"{step + 1}); stopping. The last good checkpoint in {ckpt.directory} is "
+                    "intact: lower optimizer.learning_rate, set estimator.log_ratio_clip, or "
+                    "pick a bounded divergence (jsd, tv)."
+                )
+            bar.update(1)
+            bar.set_postfix_str(metrics.format_line(step + 1, row, keys=("loss", "kl_per_token")))
+            done = step + 1
+            if config.train.eval_every and done % config.train.eval_every == 0:
+                last_eval = run_eval(done)
+            if done % config.train.checkpoint_every == 0 or done == config.train.num_steps:
+                self.save(
+                    ckpt,
+                    done,
+                    state,
+                    rng=key,
+                    data_state=pipeline.get_state(),
+                    force=done == config.train.num_steps,
+                )
+        bar.close()
+        if config.train.eval_every == 0 or config.train.num_steps % config.train.eval_every:
+            last_eval = run_eval(config.train.num_steps) or last_eval
+        ckpt.wait()
+        if config.train.export_final:
+            self.export(state.params, os.path.join(workdir, "export"))
+        writer.close()
+        ckpt.close()
+        return last_eval
 
 
 def train_and_evaluate(
@@ -284,151 +503,23 @@ def train_and_evaluate(
     `mesh` overrides `config.mesh` (e.g. a sub-mesh). Returns the last evaluation metrics (also
     written to `workdir/metrics.jsonl`).
     """
-    os.makedirs(workdir, exist_ok=True)
-    setup = load(config, mesh)
-    metrics.write_config(config, workdir)
-    opt = train_step.make_optimizer(config.optimizer, config.train.num_steps)
-    _, params = nnx.split(setup.student, nnx.Param)
-    state = train_step.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params)
-    )
-    key = jax.random.key(config.seed)
-    pipeline = data.PromptPipeline(
-        config.data.train_path,
-        setup.tokenizer,
-        batch_size=config.data.batch_size,
-        max_prompt_len=config.rollout.max_prompt_len,
-        seed=config.seed,
-        teachers=setup.teacher_names if len(setup.teacher_names) > 1 else None,
-        system_prompt=config.data.system_prompt,
-    )
-    examples, eval_prompts = eval_set(config, setup.tokenizer)
-    ckpt = checkpoint.CheckpointManager(
-        os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
-    )
-    start = 0
-    restored = ckpt.restore_latest(params=state.params, opt_state=state.opt_state, rng=key)
-    if restored is not None:
-        start = restored.step
-        state = train_step.TrainState(
-            step=jnp.asarray(restored.metadata["updates"], jnp.int32),
-            params=restored.params,
-            opt_state=restored.opt_state,
-        )
-        pipeline.set_state(restored.data_state)
-        logger.info("resumed from step %d", start)
-    writer = metrics.MetricWriter(workdir)
-    writer.truncate_after(start)
-    timer, skips, last_eval = metrics.Timer(), 0, {}
-    verifier_stats = verifiers.VerifierStats()
-    bar = metrics.progress(config.train.num_steps, "train", initial=start)
-
-    def save(step, force=False):
-        ckpt.save(
-            step,
-            params=state.params,
-            opt_state=state.opt_state,
-            rng=key,
-            data_state=pipeline.get_state(),
-            metadata={"updates": int(state.step)},
-            force=force,
-        )
-
-    def run_eval(step):
-        if not examples:
-            return {}
-        with timer("eval"):
-            out = evaluate(setup, config, state.params, examples, eval_prompts, key)
-        writer.write(step, out, split="eval")
-        logger.info("eval %s", metrics.format_line(step, out))
-        return out
-
-    if start == 0 and examples:
-        last_eval = run_eval(0)
-    for step in range(start, config.train.num_steps):
-        step_key = jax.random.fold_in(key, step)
-        timer.reset()
-        with timer("data"):
-            prompts_batch = next(pipeline)
-        with timer("rollout"):
-            batch, result = _rollout(setup, config, state.params, prompts_batch, step_key)
-            jax.block_until_ready(batch["tokens"])
-        with timer("reward"):
-            rewards = _rollout_rewards(setup, config, prompts_batch, result, verifier_stats)
-        with timer("update"):
-            state, step_metrics = _update(setup, config, opt, state, batch)
-            step_metrics = jax.device_get(step_metrics)
-        tokens = float(np.asarray(batch["mask"]).sum())
-        row = {
-            **step_metrics,
-            **rewards,
-            **verifier_stats.metrics(),
-            **timer.summary(),
-            "tokens_per_second": tokens / timer.total(),
-        }
-        skips = skips + 1 if step_metrics["skipped"] else 0
-        if step % config.train.log_every == 0 or skips:
-            writer.write(step + 1, row)
-        if skips >= config.train.max_consecutive_skips:
-            writer.close()
-            raise NonFiniteError(
-                f"{skips} consecutive steps had a non-finite loss or gradient (last at step "
-                f"{step + 1}); stopping. The last good checkpoint in {ckpt.directory} is intact: "
-                "lower optimizer.learning_rate, set estimator.log_ratio_clip, or pick a "
-                "bounded divergence (jsd, tv)."
-            )
-        bar.update(1)
-        bar.set_postfix_str(metrics.format_line(step + 1, row, keys=("loss", "kl_per_token")))
-        done = step + 1
-        if config.train.eval_every and done % config.train.eval_every == 0:
-            last_eval = run_eval(done)
-        if done % config.train.checkpoint_every == 0 or done == config.train.num_steps:
-            save(done, force=done == config.train.num_steps)
-    bar.close()
-    if config.train.eval_every == 0 or config.train.num_steps % config.train.eval_every:
-        last_eval = run_eval(config.train.num_steps) or last_eval
-    ckpt.wait()
-    if config.train.export_final:
-        nnx.update(setup.student, state.params)
-        models.save_pretrained(setup.student, os.path.join(workdir, "export"))
-        setup.tokenizer.hf.save_pretrained(os.path.join(workdir, "export"))
-    writer.close()
-    ckpt.close()
-    return last_eval
+    return Trainer.setup(config, mesh=mesh).train(workdir)
 
 
 def export(config: config_dict.ConfigDict, workdir: str, out_dir: str) -> str:
     """Writes the latest checkpoint's student as a Hugging Face folder (config + safetensors)."""
-    setup = load(config)
-    _, params = nnx.split(setup.student, nnx.Param)
-    opt = train_step.make_optimizer(config.optimizer, config.train.num_steps)
-    ckpt = checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    restored = ckpt.restore_latest(params=params, opt_state=opt.init(params), rng=jax.random.key(0))
-    if restored is None:
-        raise FileNotFoundError(f"no complete checkpoint under {workdir}/checkpoints")
-    nnx.update(setup.student, restored.params)
-    models.save_pretrained(setup.student, out_dir)
-    setup.tokenizer.hf.save_pretrained(out_dir)
-    return out_dir
+    trainer = Trainer.setup(config)
+    return trainer.export(trainer.restore_from(workdir).params, out_dir)
 
 
 def evaluate_checkpoint(config: config_dict.ConfigDict, workdir: str | None) -> dict[str, float]:
     """Evaluates the latest checkpoint in `workdir` (or the initial student if None)."""
-    setup = load(config)
-    _, params = nnx.split(setup.student, nnx.Param)
-    if workdir:
-        opt = train_step.make_optimizer(config.optimizer, config.train.num_steps)
-        ckpt = checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints"))
-        restored = ckpt.restore_latest(
-            params=params, opt_state=opt.init(params), rng=jax.random.key(0)
-        )
-        if restored is None:
-            raise FileNotFoundError(f"no complete checkpoint under {workdir}/checkpoints")
-        params = restored.params
-    examples, prompts = eval_set(config, setup.tokenizer)
+    trainer = Trainer.setup(config)
+    params = trainer.restore_from(workdir).params if workdir else trainer.init_state().params
+    examples, prompts = trainer.eval_set()
     if not examples:
         raise ValueError("data.eval_path is not set: nothing to evaluate")
     start = time.perf_counter()
-    out = evaluate(setup, config, params, examples, prompts, jax.random.key(config.seed))
+    out = trainer.evaluate(params, jax.random.key(config.seed), examples, prompts)
     out["eval_seconds"] = time.perf_counter() - start
     return out

@@ -292,7 +292,7 @@ def test_two_stage_categorical_is_exact():
     logits = 2.0 * jax.random.normal(jax.random.key(5), (V,))
     logits = logits.at[::7].set(-jnp.inf)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(1), jnp.arange(n))
-    draw = jax.jit(lambda k, x: sampling._categorical(k, 0, jnp.broadcast_to(x, (n, V))))
+    draw = jax.jit(lambda k, x: sampling.categorical(k, 0, jnp.broadcast_to(x, (n, V))))
     counts = np.bincount(np.asarray(draw(keys, logits)), minlength=V)
     probs = np.exp(log_softmax(np.asarray(logits, np.float64)))
     assert chi_square_pvalue(counts, probs) > ALPHA

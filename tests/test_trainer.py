@@ -12,10 +12,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from configs import default as default_config
-from opdplus_jax import checkpoint, metrics, models, sharding, tasks, train_step, trainer
+from opdplus_jax import (
+    checkpoint,
+    configs,
+    main,
+    metrics,
+    models,
+    optim,
+    sharding,
+    tasks,
+    train_step,
+    trainer,
+)
+from opdplus_jax.configs import default as default_config
+from opdplus_jax.rollout import Rollout
 from opdplus_jax.tasks import tokenizer as task_tokenizer
 
 VOCAB = 112  # >= the task tokenizer's 104 ids (the rest is embedding padding)
@@ -83,12 +94,10 @@ def _train(config, workdir):
 
 
 def _final_params(workdir, config):
-    setup = trainer.load(config, _one_device())
-    _, params = nnx.split(setup.student, nnx.Param)
-    opt = train_step.make_optimizer(config.optimizer, config.train.num_steps)
-    mgr = checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    restored = mgr.restore_latest(params=params, opt_state=opt.init(params), rng=jax.random.key(0))
-    return restored
+    run = trainer.Trainer.setup(config, mesh=_one_device())
+    with run.checkpoints(str(workdir)) as manager:
+        step, state, _ = run.restore(manager, jax.random.key(0))
+    return step, state
 
 
 def test_opd_plus_reduces_the_divergence_to_the_teacher(assets, tmp_path):
@@ -112,8 +121,12 @@ def test_resume_gives_identical_parameters(assets, tmp_path):
     half = _config(assets, **{"train.num_steps": 2})
     _train(half, tmp_path / "b")
     _train(full, tmp_path / "b")  # resumes at step 2
-    a, b = _final_params(tmp_path / "a", full), _final_params(tmp_path / "b", full)
-    assert a.step == b.step == 4
+    (step_a, a), (step_b, b) = (
+        _final_params(tmp_path / "a", full),
+        _final_params(tmp_path / "b", full),
+    )
+    assert step_a == step_b == 4
+    chex.assert_trees_all_equal(a.step, b.step)
     chex.assert_trees_all_equal(a.params, b.params)
     chex.assert_trees_all_equal(a.opt_state, b.opt_state)
     rows = metrics.read_jsonl(tmp_path / "b" / "metrics.jsonl")
@@ -175,15 +188,30 @@ def test_sigkill_during_training_resumes_without_loss(assets, tmp_path):
     assert mgr.latest_step() == 6
 
 
-def _rollout_batch(setup, config, seed=0):
-    pipe_batch = {
+def _rollout(run, seed=0):
+    prompts_batch = {
         "prompt_tokens": [[2, 5, 40 + i, 41, 3, 6] for i in range(4)],
         "teacher": np.array([0, 1, 0, 1], np.int32),
     }
-    batch, _ = trainer._rollout(
-        setup, config, nnx.split(setup.student, nnx.Param)[1], pipe_batch, jax.random.key(seed)
-    )
-    return jax.device_get(batch)
+    rollout = run.rollout(run.init_state().params, prompts_batch, jax.random.key(seed))
+    return jax.device_get(rollout)
+
+
+def test_rollout_rows_are_prompt_major_with_ids(assets):
+    run = trainer.Trainer.setup(_config(assets), mesh=_one_device())
+    rollout = _rollout(run)
+    n = run.config.rollout.num_samples
+    assert isinstance(rollout, Rollout)
+    chex.assert_shape([rollout.tokens, rollout.mask, rollout.behaviour_logp], (4 * n, 8))
+    chex.assert_type([rollout.teacher, rollout.row_id, rollout.group_id], jnp.int32)
+    np.testing.assert_array_equal(rollout.row_id, np.arange(4 * n))
+    np.testing.assert_array_equal(rollout.group_id, np.repeat(np.arange(4), n))
+    np.testing.assert_array_equal(rollout.teacher, np.repeat([0, 1, 0, 1], n))
+    # Sampling at temperature 1 without truncation: behaviour and policy log-probs agree, and
+    # the one scoring path reproduces them.
+    np.testing.assert_allclose(rollout.behaviour_logp, rollout.policy_logp, atol=1e-5)
+    params = run.init_state().params
+    np.testing.assert_allclose(run.engine.score(params, rollout), rollout.policy_logp, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -196,17 +224,13 @@ def _rollout_batch(setup, config, seed=0):
 )
 def test_train_step_on_a_mesh_equals_one_device(assets, layout):
     config = _config(assets)
-    one = trainer.load(config, mesh=_one_device())
-    many = trainer.load(config, mesh=sharding.make_mesh(layout))
-    batch = _rollout_batch(one, config)
-    batch["teacher"] = np.zeros_like(batch["teacher"])
+    one = trainer.Trainer.setup(config, mesh=_one_device())
+    many = trainer.Trainer.setup(config, mesh=sharding.make_mesh(layout))
+    rollout = _rollout(one)
+    rollout = rollout.replace(teacher=np.zeros_like(rollout.teacher))
     results = []
-    for setup in (one, many):
-        opt = train_step.make_optimizer(config.optimizer, 10)
-        _, params = nnx.split(setup.student, nnx.Param)
-        state = train_step.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
-        placed = sharding.shard_batch({k: jnp.asarray(v) for k, v in batch.items()}, setup.mesh)
-        state, out = train_step.train_step(setup.step_cfg, opt, state, setup.frozen, placed)
+    for run in (one, many):
+        state, out = run.update(run.init_state(), jax.tree.map(jnp.asarray, rollout))
         results.append((jax.device_get(state.params), jax.device_get(out), state))
     chex.assert_trees_all_close(results[0][0], results[1][0], atol=2e-5, rtol=2e-5)
     for key in ("loss", "kl_per_token", "grad_norm"):
@@ -219,21 +243,21 @@ def test_train_step_on_a_mesh_equals_one_device(assets, layout):
 def test_multi_teacher_routing_uses_each_rows_teacher(assets):
     multi = _config(assets)
     multi = multi.unlock()
-    multi.teachers.second = default_config._teacher(
-        str(assets / "teacher2"), reward_scale=1.0, reference="none"
-    )
+    multi.teachers.second = default_config.teacher(str(assets / "teacher2"))
     multi.lock()
-    setup = trainer.load(multi, _one_device())
-    batch = _rollout_batch(setup, multi)
-    params = nnx.split(setup.student, nnx.Param)[1]
-    routed, _ = train_step.score_rollout(setup.step_cfg, params, setup.frozen, batch)
+    run = trainer.Trainer.setup(multi, mesh=_one_device())
+    rollout = _rollout(run)
+    params = run.init_state().params
+    routed, _ = train_step.score_rollout(run.step_cfg, params, run.frozen, rollout)
     for k in range(2):  # each teacher alone, applied to the whole batch
         path = str(assets / ("teacher" if k == 0 else "teacher2"))
-        single = trainer.load(_config(assets, **{"teachers.default.path": path}), _one_device())
-        alone, _ = train_step.score_rollout(single.step_cfg, params, single.frozen, batch)
-        rows = batch["teacher"] == k
-        np.testing.assert_allclose(routed["advantages"][rows], alone["advantages"][rows], rtol=1e-5)
-        assert not np.allclose(routed["advantages"][~rows], alone["advantages"][~rows])
+        single = trainer.Trainer.setup(
+            _config(assets, **{"teachers.default.path": path}), mesh=_one_device()
+        )
+        alone, _ = train_step.score_rollout(single.step_cfg, params, single.frozen, rollout)
+        rows = rollout.teacher == k
+        np.testing.assert_allclose(routed.advantages[rows], alone.advantages[rows], rtol=1e-5)
+        assert not np.allclose(routed.advantages[~rows], alone.advantages[~rows])
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(assets, tmp_path):
@@ -302,15 +326,43 @@ def test_cli_rejects_a_misspelt_config_field_with_a_suggestion(tmp_path):
     assert "divergence" in done.stderr and "divergnce" in done.stderr, done.stderr[-2000:]
 
 
+def test_cli_none_overrides_switch_features_off():
+    argv = ["prog", "--config=c.py:cpu", "--config.loss.tis_cap=None", "--config.seed=3"]
+    kept, fields = main.split_none_overrides(argv)
+    assert kept == ["prog", "--config=c.py:cpu", "--config.seed=3"]
+    assert fields == ["loss.tis_cap"]
+    config = default_config.get_config("qwen3_exopd")
+    assert config.loss.tis_cap == 2.0
+    configs.apply_overrides(config, dict.fromkeys(fields))
+    assert config.loss.tis_cap is None
+    with pytest.raises(ValueError, match="tis_capp"):
+        configs.apply_overrides(config, {"loss.tis_capp": None})
+
+
 def test_equal_optimizer_settings_share_one_optimizer_object():
     # The jitted steps take the optimizer as a static argument: one object per setting means one
     # compilation per setting in a process that runs many distillations (sweeps, tests).
     a = default_config.get_config("cpu").optimizer
     b = default_config.get_config("cpu").optimizer
-    assert train_step.make_optimizer(a, 80) is train_step.make_optimizer(b, 80)
-    assert train_step.make_optimizer(a, 80) is not train_step.make_optimizer(a, 40)
+    assert optim.from_config(a, 80) is optim.from_config(b, 80)
+    assert optim.from_config(a, 80) is not optim.from_config(a, 40)
     b.learning_rate = a.learning_rate / 2
-    assert train_step.make_optimizer(a, 80) is not train_step.make_optimizer(b, 80)
+    assert optim.from_config(a, 80) is not optim.from_config(b, 80)
     b.schedule = "linear"
     with pytest.raises(ValueError, match="must be 'cosine' or 'constant'"):
-        train_step.make_optimizer(b, 80)
+        optim.from_config(b, 80)
+
+
+@pytest.mark.parametrize(
+    ("field", "old"),
+    [
+        ("estimator.baseline", "none"),
+        ("estimator.log_ratio_clip", 0.0),
+        ("loss.tis_cap", 0.0),
+        ("loss.ppo_clip", -0.2),
+        ("teachers.default.reference", "none"),
+    ],
+)
+def test_off_is_spelt_none(assets, tmp_path, field, old):
+    with pytest.raises(ValueError, match="None"):
+        trainer.validate(_config(assets, **{field: old}))

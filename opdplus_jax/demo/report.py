@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
 import jax
-from flax import nnx
 
-from opdplus_jax import evaluation, metrics, train_step, trainer
+from opdplus_jax import evaluation, metrics, scoring, trainer
+from opdplus_jax.rollout import SamplingParams, StaticEngine
 from opdplus_jax.tokenizer import Tokenizer
 
 
@@ -22,28 +21,29 @@ def evaluate_model(model, tok: Tokenizer, config, teacher=None) -> dict[str, flo
     teacher) per token: k1 on the model's own samples at temperature 1, as the trainer's
     `kl_per_token`."""
     examples, prompts = trainer.eval_set(config, tok)
-    kw = {"max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size}
-    out = evaluation.evaluate_policy(model, tok, examples, prompts, temperature=0.0, **kw)
+    length = {"max_new_tokens": config.eval.max_new_tokens}
+    greedy, params = StaticEngine.for_model(
+        model, SamplingParams.for_tokenizer(tok, temperature=0.0, **length)
+    )
+    kw = {"batch_size": config.eval.batch_size}
+    out = evaluation.evaluate_policy(greedy, params, tok, examples, prompts, **kw)
     result = {"accuracy": out["accuracy"], "num_problems": len(examples)}
     if teacher is not None:
-        graphdef, params = nnx.split(teacher, nnx.Param)
         sampled = evaluation.evaluate_policy(
-            model, tok, examples, prompts, temperature=1.0, rng=jax.random.key(config.seed),
-            teacher_logprobs=lambda r: _score(graphdef, params, r, tok.vocab_size), **kw,
-        )  # fmt: skip
+            StaticEngine(greedy.graphdef, SamplingParams.for_tokenizer(tok, **length)),
+            params,
+            tok,
+            examples,
+            prompts,
+            rng=jax.random.key(config.seed),
+            teacher_logprobs=lambda r: scoring.rollout_logprobs(
+                teacher, r, vocab_size=tok.vocab_size
+            ),
+            **kw,
+        )
         result["kl_per_token"] = sampled["kl_per_token"]
         result["sampled_accuracy"] = sampled["accuracy"]
     return result
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "vocab_size"))
-def _score_jit(graphdef, params, batch, vocab_size):
-    return train_step.completion_logprobs(graphdef, params, batch, vocab_size)
-
-
-def _score(graphdef, params, result, vocab_size):
-    batch = {k: getattr(result, k) for k in ("prompt_tokens", "prompt_mask", "tokens", "mask")}
-    return _score_jit(graphdef, params, batch, vocab_size)
 
 
 def write_plots(workdir: str, base_acc: float, teacher_acc: float, label: str = "") -> list[str]:

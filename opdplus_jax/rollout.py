@@ -1,0 +1,207 @@
+"""The rollout seam: a typed `Rollout` batch and the `RolloutEngine` protocol that produces it.
+
+Everything that samples from the student (the trainer's rollouts, evaluation, the demo's report,
+the benchmarks) asks an engine for a `Rollout`, and everything that consumes one (the train step,
+teacher and reference scoring, verifiers) reads its named fields. An engine is bound to one
+architecture (its graphdef) and one set of `SamplingParams`; the weights are an argument of every
+call, so the trainer passes the current student params each step and one compilation serves them
+all. `StaticEngine` (the compiled bucketed prefill + `while_loop` decode of `opdplus_jax.sampling`)
+is the first engine; another (continuous batching, an external server) implements the same two
+methods and returns the same `Rollout`, in the order of its input prompts.
+
+Row layout: prompt i's samples are rows i * n .. i * n + n - 1 (n = `num_samples`), so
+`group_id = i` and `row_id = i * n + s`; the group baselines of `opdplus_jax.estimators` rely on
+rows of one prompt being contiguous. Row `row_id` samples with the key fold_in(rng, row_id): a
+row's tokens depend on neither the other rows nor the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from opdplus_jax import sampling, scoring
+
+
+@flax.struct.dataclass
+class Rollout:
+    """A batch of sampled completions (a pytree; B = prompts x samples, P = prompt bucket,
+    T = max_new_tokens).
+
+    Attributes:
+      prompt_tokens, prompt_mask: [B, P] int32 left-padded prompts (mask 1 = real token).
+      tokens: [B, T] int32 sampled completions, the pad id after a row finished.
+      mask: [B, T] int32, 1 up to and including the row's EOS/stop token, 0 after.
+      behaviour_logp: [B, T] float32 log-probs under the distribution actually sampled from
+        (after temperature, top-k, top-p): the behaviour policy of importance-sampling
+        corrections; 0 for greedy decoding and where the mask is 0.
+      policy_logp: [B, T] float32 log-probs under the unmodified sampling policy (temperature 1,
+        no truncation) at sampling time; 0 where the mask is 0.
+      teacher: [B] int32 index of the teacher that scores each row (0 with one teacher).
+      row_id: [B] int32 position of the row in the request (prompt-major); keys its randomness.
+      group_id: [B] int32 index of the row's prompt in the request.
+    """
+
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    tokens: jax.Array
+    mask: jax.Array
+    behaviour_logp: jax.Array
+    policy_logp: jax.Array
+    teacher: jax.Array
+    row_id: jax.Array
+    group_id: jax.Array
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How an engine samples (hashable). See `sampling.generate` for each field's meaning.
+
+    `stop_token_ids` end a row (EOS included); `vocab_size` restricts sampling and scoring to the
+    tokenizer's ids of a padded embedding; temperature 0 is greedy decoding.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    vocab_size: int | None = None
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, **fields: Any) -> SamplingParams:
+        """Stop at the tokenizer's EOS ids, pad with its pad id, sample within its vocabulary."""
+        return cls(
+            stop_token_ids=tuple(int(t) for t in tokenizer.eos_ids),
+            pad_token_id=int(tokenizer.pad_id),
+            vocab_size=int(tokenizer.vocab_size),
+            **fields,
+        )
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Produces rollouts from prompts and the current weights, and scores completions."""
+
+    sampling: SamplingParams
+
+    def generate(
+        self,
+        params: nnx.State,
+        prompts: Sequence[Sequence[int]],
+        *,
+        rng: jax.Array | None,
+        num_samples: int = 1,
+        teacher: Any = None,
+    ) -> Rollout:
+        """`num_samples` completions of each prompt (rows prompt-major), scored by `teacher[i]`
+        (per prompt; default 0)."""
+        ...
+
+    def score(self, params: nnx.State, rollout: Rollout) -> jax.Array:
+        """[B, T] float32 log-probs of the rollout's completions under these weights."""
+        ...
+
+
+def _request_ids(num_prompts: int, num_samples: int, teacher: Any) -> tuple[np.ndarray, ...]:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer):
+        raise ValueError(f"num_samples must be an int >= 1; got {num_samples!r}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+    teacher = np.zeros(num_prompts, np.int32) if teacher is None else np.asarray(teacher)
+    if teacher.shape != (num_prompts,) or not np.issubdtype(teacher.dtype, np.integer):
+        raise ValueError(
+            f"teacher must hold one integer teacher index per prompt ({num_prompts}); got "
+            f"shape {teacher.shape}, dtype {teacher.dtype}"
+        )
+    group = np.repeat(np.arange(num_prompts, dtype=np.int32), num_samples)
+    return np.repeat(teacher.astype(np.int32), num_samples), group
+
+
+class StaticEngine:
+    """The compiled sampler as a `RolloutEngine`: every row of a call decodes in one batch until
+    all rows have stopped (or `max_new_tokens`), with a KV cache of the whole length per row.
+
+    Args:
+      graphdef: the student architecture (`nnx.split(model, nnx.Param)[0]`).
+      sampling: how to sample; `SamplingParams.for_tokenizer(tok, max_new_tokens=...)`.
+      mesh: where to run; default the mesh the params are placed on, if any.
+    """
+
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        sampling: SamplingParams,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        if not isinstance(graphdef, nnx.GraphDef):
+            raise TypeError(
+                "StaticEngine needs the model's graphdef (nnx.split(model, nnx.Param)[0]); got "
+                f"{type(graphdef).__name__}. StaticEngine.for_model(model, sampling) splits one."
+            )
+        self.graphdef = graphdef
+        self.sampling = sampling
+        self.mesh = mesh
+
+    @classmethod
+    def for_model(
+        cls, model: nnx.Module, sampling: SamplingParams, **kw: Any
+    ) -> tuple[StaticEngine, nnx.State]:
+        """(engine, params) of an NNX model."""
+        graphdef, params = nnx.split(model, nnx.Param)
+        return cls(graphdef, sampling, **kw), params
+
+    def generate(
+        self,
+        params: nnx.State,
+        prompts: Sequence[Sequence[int]],
+        *,
+        rng: jax.Array | None,
+        num_samples: int = 1,
+        teacher: Any = None,
+    ) -> Rollout:
+        s = self.sampling
+        teacher_B, group_B = _request_ids(len(prompts), num_samples, teacher)
+        rows = [p for p in prompts for _ in range(num_samples)]
+        out = sampling.generate(
+            (self.graphdef, params),
+            rows,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            stop_token_ids=s.stop_token_ids,
+            pad_token_id=s.pad_token_id,
+            rng=rng,
+            vocab_size=s.vocab_size,
+            mesh=self.mesh,
+        )
+        return Rollout(
+            prompt_tokens=out.prompt_tokens,
+            prompt_mask=out.prompt_mask,
+            tokens=out.tokens,
+            mask=out.mask,
+            behaviour_logp=out.sampling_logprobs,
+            policy_logp=out.logprobs,
+            teacher=jnp.asarray(teacher_B),
+            row_id=jnp.arange(len(rows), dtype=jnp.int32),
+            group_id=jnp.asarray(group_B),
+        )
+
+    def score(self, params: nnx.State, rollout: Rollout) -> jax.Array:
+        return scoring.rollout_logprobs(
+            (self.graphdef, params), rollout, vocab_size=self.sampling.vocab_size
+        )

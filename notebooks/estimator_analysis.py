@@ -21,13 +21,13 @@
 # variance of one draw.
 #
 # Everything runs on a tabular autoregressive policy (one logits row per prefix, vocabulary V,
-# horizon T; shared/MATH.md §3.1). With all V^T sequences enumerated, an estimator's expectation
+# horizon T; docs/math.md §8.1). With all V^T sequences enumerated, an estimator's expectation
 # is a finite sum over sequences of P(y) · ∇(surrogate loss), computed through the library's own
 # code path (`estimators.advantages` → `losses.pg_loss`, or `fullvocab` for the analytic
 # estimator). The targets are autodiff gradients of the divergences written directly in π and q
 # (`analysis.closed_forms`), so the two sides share no code. All numbers are float64.
 #
-# Notation (shared/MATH.md §0, §2): s_t = ∇ log π(y_t|c_t); J_seq = D(π(y) ‖ q(y)) over whole
+# Notation (docs/math.md §0, §2): s_t = ∇ log π(y_t|c_t); J_seq = D(π(y) ‖ q(y)) over whole
 # sequences; J_tok = E_π[Σ_t D(π(·|c_t) ‖ q(·|c_t))]; G_γ = Σ_s Σ_{t≥s} γ^{t-s} ∂_s J_t, so
 # G_1 = ∇J_tok and G_0 is the "myopic" gradient with the context distribution held fixed.
 #
@@ -91,15 +91,15 @@ def norm(x):
 # which prints the OPD+ columns of this table for any V, T and seed):
 #
 # * **stop-grad** ascends the advantage −f(u). Its expectation misses the pathwise term of the
-#   θ-dependent reward, −E[φ'(ℓ) s] (MATH §1.1, eq. 1.3, and the table of §2.3 d). That term
+#   θ-dependent reward, −E[φ'(ℓ) s] (docs/math.md §1.1-§1.3 and the table of §7). That term
 #   vanishes only for reverse KL (φ' ≡ 1 and E[s] = 0).
 # * **OPD+** ascends w_f(u) = u f'(u) − f(u), which puts the pathwise term back. It is unbiased
-#   for ∇J_seq at sequence level and for G_γ at token level (MATH §2.3 a, b).
+#   for ∇J_seq at sequence level and for G_γ at token level (docs/math.md §2.3).
 #
 # The "stop-grad cos" column is the cosine between E[ĝ_sg] and the target. For α-divergences
-# in this gauge, stop-grad estimates exactly (1/α) ∇D_α (MATH §1.4): α = ½ gives relative
+# in this gauge, stop-grad estimates exactly (1/α) ∇D_α (docs/math.md §1.4): α = ½ gives relative
 # bias 1 with cosine 1, i.e. the right direction at twice the scale. A negative cosine means
-# that a small stop-grad step *increases* the divergence: stop-grad follows ∇D_G (MATH §1.5),
+# that a small stop-grad step *increases* the divergence: stop-grad follows ∇D_G (docs/math.md §1.5),
 # and D_G is not the divergence (for standardized generators it is unbounded below, and its
 # descent collapses π).
 
@@ -152,7 +152,7 @@ assert worst_plus < 1e-9
 #
 # * OPD+ is unbiased to float64 round-off at every level, for every divergence.
 # * Stop-grad is exact only for reverse KL. Elsewhere its relative bias is O(1): the estimator
-#   follows a different objective, ∇D_G with G(u) = ∫ f(s)/s ds (MATH §1.5).
+#   follows a different objective, ∇D_G with G(u) = ∫ f(s)/s ds (docs/math.md §1.5).
 # * On this problem, stop-grad points away from the descent direction (negative cosine) for
 #   forward KL, skew forward KL, JSD, TV, Hellinger and Neyman χ², at every level. Skew reverse
 #   KL (α = 0.1, close to reverse KL) keeps the direction with a 13–17% bias.
@@ -160,7 +160,7 @@ assert worst_plus < 1e-9
 #   a zero-mean constant that only adds variance (0.51 → 0.99 at token level, γ = 0), so there a
 #   baseline (or plain stop-grad, which is unbiased for reverse KL) is the better choice. For
 #   forward KL, skew forward KL, JSD, TV and Hellinger, OPD+ is both unbiased and lower-variance
-#   than stop-grad. The χ² family has heavy-tailed weights at either correction (MATH §1.3,
+#   than stop-grad. The χ² family has heavy-tailed weights at either correction (docs/math.md §1.3,
 #   rule N3).
 
 # %% [markdown]
@@ -168,13 +168,13 @@ assert worst_plus < 1e-9
 #
 # The teacher is the student plus `teacher_distance` × N(0, 1) logit noise; we sweep the
 # distance at the token level with γ = 0 (the common per-token practice). OPD+ stays at
-# round-off for every distance (MATH §2.3 b). Stop-grad does not become unbiased as the teacher
+# round-off for every distance (docs/math.md §2.3). Stop-grad does not become unbiased as the teacher
 # approaches the student.
 #
 # **The limit d → 0.** Near u = 1, f(u) ≈ f'(1)(u − 1) + ½ f''(1)(u − 1)², and E_π[u − 1] = 0.
 # So J ≈ ½ f''(1) E_π[(u − 1)²], and its gradient is first order in q − π:
 # ∇J ≈ f''(1) ∇KL(q‖π). The stop-grad expectation E[f(u) s] is also first order, but it comes
-# from the *linear* term: f'(1) E_π[(u − 1) s] = −f'(1) ∇KL(q‖π), the gauge shift of MATH §1.5.
+# from the *linear* term: f'(1) E_π[(u − 1) s] = −f'(1) ∇KL(q‖π), the gauge shift of docs/math.md §1.4.
 # Hence E[ĝ_sg] → −(f'(1)/f''(1)) ∇J, and the relative bias tends to |1 + f'(1)/f''(1)|:
 #
 # * 0 for reverse KL (f = −log u);
@@ -255,15 +255,15 @@ save(fig, "distance_bias.png")
 # ## 3. Horizon: sequence vs token level
 #
 # For T ∈ {1, 2, 3, 4} (V = 3, a fresh random problem per T) we compare the OPD+ estimators at
-# sequence level (every token gets w_f(Π_t u_t); MATH §2.3 a) and at token level with γ = 1 and
-# γ = 0 (§2.3 b). At T = 1 the three coincide. As T grows, the sequence-level weight depends on
+# sequence level (every token gets w_f(Π_t u_t); docs/math.md §2.3) and at token level with γ = 1 and
+# γ = 0 (§2.3). At T = 1 the three coincide. As T grows, the sequence-level weight depends on
 # the whole log-ratio L = Σ_t ℓ_t, which grows like T (rule N4), while the token-level weights
 # only see one token plus a sum of bounded per-token rewards. "rel. variance" divides the
 # variance by ‖∇J‖², the squared norm of the estimator's own target, so estimators of different
 # objectives are comparable.
 #
 # The last column is the bias of discount 0 against the full token-level gradient:
-# ‖E[ĝ_{γ=0}] − ∇J_tok‖ / ‖∇J_tok‖ = ‖G_0 − G_1‖ / ‖G_1‖ (MATH §2.3 b). It is 0 at T = 1 and
+# ‖E[ĝ_{γ=0}] − ∇J_tok‖ / ‖∇J_tok‖ = ‖G_0 − G_1‖ / ‖G_1‖ (docs/math.md §2.3). It is 0 at T = 1 and
 # grows with the number of later tokens whose context distribution discount 0 ignores.
 
 # %%
@@ -343,7 +343,7 @@ save(fig, "horizon.png")
 # ## 4. Discount γ (token level, OPD+)
 #
 # A_t = w_f(u_t) − Σ_{s>t} γ^{s−t} f(u_s): γ interpolates between the myopic gradient G_0 and
-# ∇J_tok = G_1 (MATH §2.2). The estimator is unbiased for G_γ at every γ (checked below).
+# ∇J_tok = G_1 (docs/math.md §2.2). The estimator is unbiased for G_γ at every γ (checked below).
 #
 # * The first panel shows the variance against γ. It is not monotone in general. The
 #   reward-to-go terms add variance for reverse KL, skew reverse KL, α and Pearson χ². For JSD,
@@ -352,7 +352,7 @@ save(fig, "horizon.png")
 #   by discounting. It falls roughly linearly in 1 − γ.
 #
 # Note that for 0 < γ < 1, G_γ is neither ∇J_tok nor the gradient of the discounted objective
-# E[Σ_t γ^t D_t] (MATH §2.3 b).
+# E[Σ_t γ^t D_t] (docs/math.md §2.3).
 
 # %%
 GAMMAS = (0.0, 1.0) if SMALL else (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -396,7 +396,7 @@ save(fig, "discount.png")
 #
 # **Rao–Blackwellisation.** Estimator C (`full_vocab=True`, `opdplus_jax.fullvocab`) replaces the
 # sampled token's ψ(ℓ_t) s_t by its conditional expectation over the vocabulary,
-# ∇_θ D(π(·|c_t) ‖ q(·|c_t)), computed exactly from both full distributions (MATH §2.3 c). At
+# ∇_θ D(π(·|c_t) ‖ q(·|c_t)), computed exactly from both full distributions (docs/math.md §2.5). At
 # γ = 0 it has the same expectation G_0, and with step-specific (tabular) parameters its variance
 # is no larger in every coordinate. The cost is the teacher's full logits at every position.
 #
@@ -501,21 +501,21 @@ save(fig, "topk.png")
 # ## 6. G-OPD / ExOPD: reward scale λ
 #
 # With a reference r, the target becomes the unnormalised ν_λ = q^λ r^(1−λ), i.e.
-# log u_t = λ log q + (1 − λ) log r − log π (MATH §4). λ = 1 is plain OPD, λ > 1 extrapolates
+# log u_t = λ log q + (1 − λ) log r − log π (docs/math.md §3). λ = 1 is plain OPD, λ > 1 extrapolates
 # (ExOPD uses 1.25). OPD+ needs no normalisation of ν. It is unbiased for ∇D(π ‖ ν_λ) at
-# sequence level (MATH §4.4, G1) and for G_γ of the per-context D(π(·|c) ‖ ν_λ(·|c)) at token
+# sequence level (docs/math.md §3.3) and for G_γ of the per-context D(π(·|c) ‖ ν_λ(·|c)) at token
 # level (G2), for every λ. Reverse-KL stop-grad at γ = 0 is the G-OPD paper's own estimator.
-# Its reward is a KL-type log-ratio, so it is unbiased too (MATH §4.2).
+# Its reward is a KL-type log-ratio, so it is unbiased too (docs/math.md §3.2).
 #
 # **Discount 0 vs discount 1.** At a generic student, G_0 ≠ G_1 for every λ (the last column,
 # and the right panel; at λ = 1 this is the horizon effect of §3). What λ changes is the fixed
 # point:
 #
-# * G_0 vanishes at the locally normalised q̃_tok(·|c) ∝ ν_λ(·|c) (MATH §4.4, G2).
+# * G_0 vanishes at the locally normalised q̃_tok(·|c) ∝ ν_λ(·|c) (docs/math.md §3.3).
 # * G_1 = ∇J_tok vanishes there only if ν_λ is normalised per context. That holds for
 #   λ ∈ {0, 1}, where ν is r or q.
 # * For other λ, the per-context mass Z_λ(c) = Σ_v ν_λ(v|c) varies across contexts, and J_tok
-#   depends on which contexts π visits (MATH §4.3). So discount 0 converges to a different
+#   depends on which contexts π visits (docs/math.md §3.3). So discount 0 converges to a different
 #   policy than discount 1.
 #
 # The table puts the student at q̃_tok. There ‖G_0‖ is at round-off, and ‖G_1 − G_0‖ = ‖G_1‖

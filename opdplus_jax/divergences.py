@@ -1,6 +1,6 @@
 """f-divergences as on-policy objectives, written in the log-ratio log u = log q - log pi.
 
-Convention (shared/DESIGN.md): u = q/pi, and an f-divergence objective is
+Convention (docs/conventions.md): u = q/pi, and an f-divergence objective is
 J(theta) = E_{y~pi}[f(u)] with f convex and f(1) = 0. Every divergence here is defined by its
 formula in pi and q, and its generator f is written in exactly the gauge that formula gives
 (adding c(1 - u) to f leaves the divergence unchanged but changes the stop-gradient estimator; see
@@ -11,14 +11,15 @@ formula in pi and q, and its generator f is written in exactly the gauge that fo
 - ``opd_plus_advantage(log_u) = u f'(u) - f(u)``: the OPD+ advantage, which makes the
   score-function estimator unbiased for every f. Note ``u f'(u) = d f / d log u``.
 
-Numerics (shared/MATH.md, rules N1-N3). Everything is computed from log u in closed log-space
+Numerics (docs/math.md §6.1-§6.3). Everything is computed from log u in closed log-space
 forms (``expm1``, ``logaddexp``, ``sigmoid``), never from a probability ratio. Generators that grow
 exponentially in |log u| (forward KL, Pearson/Neyman chi^2, Hellinger, alpha, skew forward KL,
 and every f as log u -> +inf when it grows like u) evaluate their exponentials through a guard that
 caps the exponent at ``log(finfo(dtype).max) - 16`` (about 72.7 in float32, 693.8 in float64).
 Below the cap the value is exact; above it the value saturates at a large finite number (about
-1.5e31 in float32), so that a sum over 2^16 saturated tokens is still finite. No output is ever
-inf or NaN for finite input. Inputs in a dtype narrower than float32 (bf16) are upcast to float32.
+3.8e31 in float32), so that a sum over 2^16 saturated tokens is still finite. No output is inf or
+NaN for |log u| <= 1e6 (tested for every registered divergence); past that, far beyond any
+log-ratio two language models produce, a product such as u log u can overflow float32. Inputs in a dtype narrower than float32 (bf16) are upcast to float32.
 
 Divergence classes are registered by name in `REGISTRY` (class decorator `register`); `get(name,
 **params)` builds one, so a newly registered class is usable by name everywhere.
@@ -273,7 +274,8 @@ class Hellinger(Divergence):
 @dataclasses.dataclass(frozen=True)
 class PearsonChi2(Divergence):
     """Pearson chi^2(pi||q) = sum (pi - q)^2 / q. f(u) = (1 - u)^2 / u = 4 sinh^2(log u / 2);
-    w = 2 (1 - 1/u). Weights grow like 1/u as log u -> -inf (rare under pi; guarded)."""
+    w = 2 (1 - 1/u). Weights grow like 1/u as log u -> -inf, on tokens the student favours and
+    the teacher does not: common under pi, so the advantages are heavy-tailed (guarded)."""
 
     name: ClassVar[str] = "pearson_chi2"
     formula: ClassVar[str] = "sum (pi - q)^2 / q"
@@ -320,7 +322,7 @@ class Alpha(Divergence):
     = -1/a - expm1((1-a) log u) / (a - 1). a = 1/2 gives 2 H^2 (squared Hellinger), a = 2 gives
     Pearson chi^2 / 2 and a = -1 Neyman chi^2 / 2; the limits a -> 1 and a -> 0 are `reverse_kl`
     and `forward_kl` up to gauge, so use those names. The stop-gradient estimator of this
-    generator is exactly (1/a) grad D_a (shared/MATH.md section 1.4).
+    generator is exactly (1/a) grad D_a (docs/math.md §1.4).
     """
 
     alpha: float = 0.5
@@ -418,7 +420,7 @@ class Gauged(Divergence):
     """`base` with its generator shifted by c (1 - u): the same divergence on probability vectors.
 
     The OPD+ advantage moves by the constant -c (zero-mean against the score, so no change in
-    expectation); the stop-gradient expectation moves by c grad KL(q||pi) (shared/MATH.md 1.5).
+    expectation); the stop-gradient expectation moves by c grad KL(q||pi) (docs/math.md §1.4).
     """
 
     base: Divergence = dataclasses.field(default_factory=ReverseKL)

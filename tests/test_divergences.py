@@ -1,4 +1,4 @@
-"""Pointwise properties of every registered divergence (shared/MATH.md 3.2, identity 1)."""
+"""Pointwise properties of every registered divergence (docs/math.md §8.2, identity 1)."""
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ CASES = [
 ]
 IDS = [f"{n}-{'-'.join(f'{k}{v}' for k, v in p.items())}" if p else n for n, p in CASES]
 
-# The DESIGN.md table, in u-space, written naively (valid for moderate |log u|).
+# The table of docs/math.md §1.6, in u-space, written naively (valid for moderate |log u|).
 NAIVE_F = {
     "reverse_kl": lambda u, p: -np.log(u),
     "forward_kl": lambda u, p: u * np.log(u),
@@ -225,12 +225,13 @@ def test_bf16_inputs_are_upcast_to_float32(name):
 @given(
     name_params=st.sampled_from(CASES),
     dtype=st.sampled_from([np.float32, np.float64]),
-    xs=st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=1, max_size=16),
+    xs=st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=16),
 )
 def test_extreme_log_ratios_give_finite_values(name_params, dtype, xs):
+    """Finite for |log u| <= 1e6, the range the docs promise."""
     name, params = name_params
     d = dv.get(name, **params)
-    fixed = [-50.0, 50.0, -88.0, 88.0, 89.0, 200.0, -200.0, 1e4, -1e4, 0.0]
+    fixed = [-50.0, 50.0, -88.0, 88.0, 89.0, 200.0, -200.0, 1e4, -1e4, 1e6, -1e6, 0.0]
     x = jnp.asarray(np.array([*xs, *fixed], dtype=dtype))
     for out in (d.f(x), d.stop_grad_advantage(x), d.opd_plus_advantage(x)):
         assert out.dtype == dtype

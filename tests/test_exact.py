@@ -2,7 +2,7 @@
 
 The estimators are the library's code path (estimators.advantages -> losses.pg_loss); the
 targets are autodiff gradients of the closed-form objectives (analysis.closed_forms). Identities
-refer to shared/MATH.md sections 1-5; tolerance rtol 1e-9 as section 3.1 prescribes.
+refer to docs/math.md; tolerance rtol 1e-9 as §8.1 prescribes.
 """
 
 import jax
@@ -71,7 +71,7 @@ def _myopic_gradient(problem, d, reward_scale=1.0):
     return jax.grad(frozen)(problem.student)
 
 
-# ------------------------------------------------------------------ OPD+ is unbiased (MATH 1-2)
+# ------------------------------------------------------------------ OPD+ is unbiased (math §1-§2)
 
 
 @pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
@@ -137,7 +137,7 @@ def test_larger_space_with_eos(x64):
         assert analysis.evaluate(problem, est).relative_bias < RTOL, est
 
 
-# ------------------------------------------------------------ stop-gradient bias (MATH 1.1-1.3)
+# ------------------------------------------------------------ stop-gradient bias (math §1.1-§1.3)
 
 
 @pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
@@ -162,7 +162,7 @@ def test_stop_grad_bias_is_the_dropped_pathwise_term(problem, name, params, leve
 
 @pytest.mark.parametrize("alpha", [-1.0, -0.5, 0.3, 0.5, 2.0, 3.0])
 def test_stop_grad_alpha_estimates_grad_over_alpha(problem, alpha):
-    """In the registered gauge, stop-gradient is exactly (1/alpha) grad D_alpha (MATH 1.4)."""
+    """In the registered gauge, stop-gradient is exactly (1/alpha) grad D_alpha (docs/math.md §1.4)."""
     d = dv.get("alpha", alpha=alpha)
     mean = analysis.moments(problem, analysis.Estimator(d, "stop_grad", "sequence")).mean
     grad = jax.grad(lambda th: analysis.sequence_objective(problem, d, student=th))(problem.student)
@@ -191,7 +191,7 @@ def test_chain_rule_holds_for_kl_only(problem):
     assert abs(float(seq) - float(tok)) > 1e-3
 
 
-# ------------------------------------------------------------------------ G-OPD / ExOPD (MATH 4)
+# ------------------------------------------------------------------------ G-OPD / ExOPD (math §3)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.25, 2.0])
@@ -203,7 +203,7 @@ def test_gopd_opd_plus_is_unbiased_for_the_unnormalised_target(problem, name, la
 
 
 def _soft_bellman_optimum(problem, lam):
-    """Logits of pi* = nu / Z with nu = q^lam r^(1-lam) over whole sequences (MATH 4.1)."""
+    """Logits of pi* = nu / Z with nu = q^lam r^(1-lam) over whole sequences (docs/math.md §3.1)."""
     space = problem.space
     v, horizon = space.vocab_size, space.horizon
     log_nu = lam * jax.nn.log_softmax(problem.teacher) + (1 - lam) * jax.nn.log_softmax(
@@ -221,7 +221,7 @@ def _soft_bellman_optimum(problem, lam):
 @pytest.mark.parametrize("lam", [0.5, 1.25, 2.0])
 def test_gopd_fixed_points(problem, lam):
     """Sequence level (any strictly convex f) and KL with discount 1 reach pi* = nu / Z; discount 0
-    stops at the locally normalised softmax(lam log q + (1-lam) log r) instead (MATH 4.3-4.4)."""
+    stops at the locally normalised softmax(lam log q + (1-lam) log r) instead (docs/math.md §3.3)."""
     star = problem.with_student(_soft_bellman_optimum(problem, lam))
     z = jnp.exp(analysis.sequence_logprobs(star.space, star.student))
     assert float(z.sum()) == pytest.approx(1.0, rel=1e-12)
@@ -240,7 +240,7 @@ def test_gopd_fixed_points(problem, lam):
     assert norm(myopic, problem.with_student(local)) < 1e-10
 
 
-# ------------------------------------------------------- options that are biased, exactly (MATH 5)
+# ------------------------------------------------------- options that are biased, exactly (math §4-§5)
 
 
 @pytest.mark.parametrize("name", ["reverse_kl", "jsd", "tv"])
@@ -304,7 +304,7 @@ def test_log_ratio_clipping_bias_is_exact(problem, name):
 
 def test_group_baselines(problem):
     """Batches of two samples: leave-one-out is unbiased, the mean baseline is a (G-1)/G rescale,
-    and std normalisation changes the direction (MATH 5.1)."""
+    and std normalisation changes the direction (docs/math.md §4.2)."""
     kw = {"divergence": "jsd", "level": "sequence", "batch_size": 2}
     target = analysis.target_gradient(problem, analysis.Estimator("jsd", level="sequence"))
     plain = analysis.evaluate(problem, analysis.Estimator(**kw))
@@ -319,7 +319,7 @@ def test_group_baselines(problem):
 
 
 def test_token_importance_sampling_and_its_truncation_bias(x64):
-    """Off-policy rollouts from mu (MATH 5.3). Token-only IS gives the per-context gradients
+    """Off-policy rollouts from mu (docs/math.md §5.3). Token-only IS gives the per-context gradients
     under mu's context distribution; truncating the ratio at C subtracts exactly
     E_mu[sum_t (rho_t - C)_+ W_t s_t]; no IS at all is further off."""
     problem = analysis.Problem.random(3, vocab_size=3, horizon=3, behaviour_distance=1.0)

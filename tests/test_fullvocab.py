@@ -22,7 +22,7 @@ def test_full_vocab_discount0_is_unbiased_and_rao_blackwellises_the_sampled_esti
     problem, name, params
 ):
     """E[C_0] = G_0 exactly, and Var(C_0) <= Var(B_0) coordinate by coordinate (tabular,
-    step-specific parameters; MATH 2.3(c))."""
+    step-specific parameters; docs/math.md §2.5)."""
     d = dv.get(name, **params)
     full = analysis.moments(problem, analysis.Estimator(d, full_vocab=True))
     target = analysis.target_gradient(problem, analysis.Estimator(d, discount=0.0))
@@ -60,7 +60,7 @@ def test_full_vocab_is_unbiased_for_every_divergence(problem, name, params, disc
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("name", sorted(dv.names()))
 def test_logit_gradient_formula(name):
-    """dD/dz_v = -pi_v (w(u_v) - sum_w pi_w w(u_w)) at one context (MATH 2.3(c))."""
+    """dD/dz_v = -pi_v (w(u_v) - sum_w pi_w w(u_w)) at one context (docs/math.md §2.5)."""
     d = dv.get(name)
     z = jnp.array([0.3, -1.2, 0.8, 0.1, -0.4])
     lq = jax.nn.log_softmax(jnp.array([-0.5, 0.9, 0.2, -1.0, 0.6]))

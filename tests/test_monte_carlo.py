@@ -1,4 +1,4 @@
-"""Monte Carlo checks (shared/MATH.md 3.3): sampled estimates against their exact means.
+"""Monte Carlo checks (docs/math.md §8.3): sampled estimates against their exact means.
 
 Sequences are drawn by ancestral sampling (`analysis.sample`), each draw's gradient comes from
 the library's estimator, and z-scores use the exact per-coordinate standard deviation. A test

@@ -8,7 +8,7 @@ objectives written with `closed_forms`, so they share no code with the estimator
 
 - level "sequence": grad D(pi(.|x) || nu(.|x)) over whole sequences;
 - level "token": G_gamma = sum_s sum_{t>=s} gamma^(t-s) d_s J_t with J_t = E_pi[D_t(c_t)] and
-  d_s the derivative in the parameters of step s only (shared/MATH.md 2.2): gamma = 1 is
+  d_s the derivative in the parameters of step s only (docs/math.md §2.2): gamma = 1 is
   grad E[sum_t D_t], gamma = 0 the myopic gradient; with `discount_objective` the target is
   grad E[sum_t gamma^t D_t].
 

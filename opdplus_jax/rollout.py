@@ -66,7 +66,7 @@ class Rollout:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How an engine samples (hashable). See `sampling.generate` for each field's meaning.
+    """How an engine samples (hashable): `sampling.generate`'s keyword arguments of that name.
 
     `stop_token_ids` end a row (EOS included); `vocab_size` restricts sampling and scoring to the
     tokenizer's ids of a padded embedding; temperature 0 is greedy decoding.
@@ -91,23 +91,19 @@ class SamplingParams:
         )
 
 
+Prompts = Sequence[Sequence[int]]  # token ids of each prompt (ragged)
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """Produces rollouts from prompts and the current weights, and scores completions."""
 
     sampling: SamplingParams
 
-    def generate(
-        self,
-        params: nnx.State,
-        prompts: Sequence[Sequence[int]],
-        *,
-        rng: jax.Array | None,
-        num_samples: int = 1,
-        teacher: Any = None,
-    ) -> Rollout:
-        """`num_samples` completions of each prompt (rows prompt-major), scored by `teacher[i]`
-        (per prompt; default 0)."""
+    def generate(self, params, prompts: Prompts, *, rng, num_samples=1, teacher=None) -> Rollout:
+        """`num_samples` completions of each prompt with weights `params` (rows prompt-major),
+        row `row_id` keyed by fold_in(rng, row_id); `teacher[i]` scores prompt i's rows
+        (default 0). `rng` may be None for greedy decoding."""
         ...
 
     def score(self, params: nnx.State, rollout: Rollout) -> jax.Array:
@@ -115,7 +111,9 @@ class RolloutEngine(Protocol):
         ...
 
 
-def _request_ids(num_prompts: int, num_samples: int, teacher: Any) -> tuple[np.ndarray, ...]:
+def request_ids(num_prompts: int, num_samples: int, teacher: Any = None) -> tuple[jax.Array, ...]:
+    """(teacher, row_id, group_id), each [num_prompts * num_samples] int32, of a prompt-major
+    request; `teacher` holds one teacher index per prompt (default all 0)."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer):
         raise ValueError(f"num_samples must be an int >= 1; got {num_samples!r}")
     if num_samples < 1:
@@ -126,8 +124,12 @@ def _request_ids(num_prompts: int, num_samples: int, teacher: Any) -> tuple[np.n
             f"teacher must hold one integer teacher index per prompt ({num_prompts}); got "
             f"shape {teacher.shape}, dtype {teacher.dtype}"
         )
-    group = np.repeat(np.arange(num_prompts, dtype=np.int32), num_samples)
-    return np.repeat(teacher.astype(np.int32), num_samples), group
+    rows = num_prompts * num_samples
+    return (
+        jnp.asarray(np.repeat(teacher.astype(np.int32), num_samples)),
+        jnp.arange(rows, dtype=jnp.int32),
+        jnp.asarray(np.repeat(np.arange(num_prompts, dtype=np.int32), num_samples)),
+    )
 
 
 class StaticEngine:
@@ -164,42 +166,19 @@ class StaticEngine:
         graphdef, params = nnx.split(model, nnx.Param)
         return cls(graphdef, sampling, **kw), params
 
-    def generate(
-        self,
-        params: nnx.State,
-        prompts: Sequence[Sequence[int]],
-        *,
-        rng: jax.Array | None,
-        num_samples: int = 1,
-        teacher: Any = None,
-    ) -> Rollout:
-        s = self.sampling
-        teacher_B, group_B = _request_ids(len(prompts), num_samples, teacher)
+    def generate(self, params, prompts: Prompts, *, rng, num_samples=1, teacher=None) -> Rollout:
+        ids = request_ids(len(prompts), num_samples, teacher)
         rows = [p for p in prompts for _ in range(num_samples)]
+        # SamplingParams' fields are `sampling.generate`'s keyword arguments.
         out = sampling.generate(
             (self.graphdef, params),
             rows,
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            stop_token_ids=s.stop_token_ids,
-            pad_token_id=s.pad_token_id,
             rng=rng,
-            vocab_size=s.vocab_size,
             mesh=self.mesh,
+            **dataclasses.asdict(self.sampling),
         )
-        return Rollout(
-            prompt_tokens=out.prompt_tokens,
-            prompt_mask=out.prompt_mask,
-            tokens=out.tokens,
-            mask=out.mask,
-            behaviour_logp=out.sampling_logprobs,
-            policy_logp=out.logprobs,
-            teacher=jnp.asarray(teacher_B),
-            row_id=jnp.arange(len(rows), dtype=jnp.int32),
-            group_id=jnp.asarray(group_B),
-        )
+        arrays = (out.prompt_tokens, out.prompt_mask, out.tokens, out.mask)
+        return Rollout(*arrays, out.sampling_logprobs, out.logprobs, *ids)
 
     def score(self, params: nnx.State, rollout: Rollout) -> jax.Array:
         return scoring.rollout_logprobs(

@@ -9,6 +9,7 @@ one process (sweeps, tests, the demo's SFT stages) share their compilation.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import optax
@@ -52,6 +53,23 @@ def make_optimizer(
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"optimizer.schedule must be 'cosine' or 'constant', got {schedule!r}")
+    check = {
+        "learning_rate": (learning_rate, 0.0 < learning_rate < math.inf, "a finite number > 0"),
+        "weight_decay": (weight_decay, 0.0 <= weight_decay < math.inf, "a finite number >= 0"),
+        "b1": (b1, 0.0 <= b1 < 1.0, "in [0, 1)"),
+        "b2": (b2, 0.0 <= b2 < 1.0, "in [0, 1)"),
+        "grad_clip": (
+            grad_clip,
+            grad_clip is None or 0.0 < grad_clip < math.inf,
+            "None (off) or a finite number > 0",
+        ),
+    }
+    for name, (value, ok, want) in check.items():
+        if not ok:  # NaN fails every comparison above
+            raise ValueError(f"optimizer.{name} must be {want}; got {value!r}")
+    for name, value, minimum in (("warmup_steps", warmup_steps, 0), ("grad_accum", grad_accum, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"optimizer.{name} must be an int >= {minimum}; got {value!r}")
     warmup = max(warmup_steps, 1)
     if schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(
@@ -65,7 +83,7 @@ def make_optimizer(
             ],
             [warmup],
         )
-    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip is not None else []
     parts.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
     opt = optax.chain(*parts)
     return optax.MultiSteps(opt, grad_accum) if grad_accum > 1 else opt

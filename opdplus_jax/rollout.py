@@ -80,6 +80,12 @@ class SamplingParams:
     pad_token_id: int = 0
     vocab_size: int | None = None
 
+    def __post_init__(self):
+        sampling.check_sampling_args(self.temperature, self.top_k, self.top_p)
+        sampling.check_int("max_new_tokens", self.max_new_tokens, 1)
+        if self.vocab_size is not None:
+            sampling.check_int("vocab_size", self.vocab_size, 1, " (or None for all logits)")
+
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, **fields: Any) -> SamplingParams:
         """Stop at the tokenizer's EOS ids, pad with its pad id, sample within its vocabulary."""

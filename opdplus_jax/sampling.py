@@ -71,12 +71,14 @@ class GenerateResult:
 # ----------------------------------------------------------------------------- distributions
 
 
-def _check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+    """ValueError naming the argument unless temperature >= 0 (finite), top_k >= 0 and top_p in
+    (0, 1]."""
     if not (np.isfinite(temperature) and temperature >= 0):
         raise ValueError(
             f"temperature must be a finite number >= 0 (0 = greedy); got {temperature!r}"
         )
-    _check_int("top_k", top_k, 0, " (0 = no top-k truncation)")
+    check_int("top_k", top_k, 0, " (0 = no top-k truncation)")
     if not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus truncation); got {top_p!r}")
 
@@ -158,7 +160,7 @@ def sampling_logprobs(
 ) -> jax.Array:
     """Log-probs [..., V] (float32, -inf outside the kept set) of the distribution `generate`
     samples from for these logits. temperature=0 gives the greedy one-hot (log 1 at the argmax)."""
-    _check_sampling_args(temperature, top_k, top_p)
+    check_sampling_args(temperature, top_k, top_p)
     logits = jnp.asarray(logits, jnp.float32)
     shape, V = logits.shape, logits.shape[-1]
     logits_BV = logits.reshape(-1, V)
@@ -353,7 +355,8 @@ def _as_key(rng: Any) -> jax.Array:
     )
 
 
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
+def check_int(name: str, value: Any, minimum: int, hint: str = "") -> int:
+    """`value` as an int; ValueError naming `name` unless it is an int >= `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}{hint}; got {value!r}")
     return int(value)
@@ -402,10 +405,10 @@ def generate(
     Compiles once per (batch size, prompt bucket, max_new_tokens, greedy/top-k/top-p on-off,
     stop ids, vocab_size); temperature and top_p values are traced (no recompilation).
     """
-    _check_sampling_args(temperature, top_k, top_p)
-    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1, "")
+    check_sampling_args(temperature, top_k, top_p)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, "")
     if vocab_size is not None:
-        vocab_size = _check_int("vocab_size", vocab_size, 1, " (or None for all logits)")
+        vocab_size = check_int("vocab_size", vocab_size, 1, " (or None for all logits)")
     greedy = temperature == 0
     if not greedy and rng is None:
         raise ValueError(

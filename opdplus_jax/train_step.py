@@ -140,12 +140,14 @@ def _advantages(cfg: StepConfig, frozen: Frozen, batch: Rollout, student_logp):
 
 
 def _update(cfg: StepConfig, opt, state: TrainState, loss_fn):
-    """Gradient step that is skipped (params and optimizer state kept) if anything is non-finite."""
+    """Gradient step that is skipped (params and optimizer state kept) if anything is non-finite:
+    the loss, the gradient or the update itself (e.g. a NaN learning rate, or an optimizer state
+    that overflowed), so a non-finite update never reaches the params or a checkpoint."""
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = opt.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(
         step=state.step + finite.astype(jnp.int32),

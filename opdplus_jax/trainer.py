@@ -36,6 +36,8 @@ from opdplus_jax import (
     divergences,
     estimators,
     evaluation,
+    faults,
+    losses,
     metrics,
     models,
     optim,
@@ -78,10 +80,58 @@ def _off_or_positive(value: Any, field: str) -> float | None:
     return float(value)
 
 
+# (field, minimum) of every integer setting; a value below the minimum is refused up front
+# instead of failing after a full step (a division by zero) or evaluating nothing.
+INT_FIELDS = (
+    ("data.batch_size", 1),
+    ("rollout.num_samples", 1),
+    ("rollout.max_prompt_len", 1),
+    ("loss.num_minibatches", 1),
+    ("train.num_steps", 1),
+    ("train.log_every", 1),
+    ("train.eval_every", 0),
+    ("train.checkpoint_every", 1),
+    ("train.keep_checkpoints", 1),
+    ("train.max_consecutive_skips", 1),
+    ("eval.num_prompts", 1),
+    ("eval.num_samples", 1),
+    ("eval.batch_size", 1),
+)
+
+
+def _field(config, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
 def validate(config: config_dict.ConfigDict) -> None:
-    """Fail fast, with the fix named, on a config the step would reject deep inside JAX."""
+    """Fail fast, before any model loads, with the fix named, on a config the loop or the step
+    would reject later (deep inside JAX, or after a full step)."""
+    for dotted, minimum in INT_FIELDS:
+        value = _field(config, dotted)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{dotted} must be an int >= {minimum}; got {value!r}")
+    r, e = config.rollout, config.eval
+    for where, fields in (
+        ("rollout", {"max_new_tokens": r.max_new_tokens, "temperature": r.temperature,
+                     "top_p": r.top_p, "top_k": r.top_k}),
+        ("eval", {"max_new_tokens": e.max_new_tokens, "temperature": e.temperature}),
+    ):  # fmt: skip
+        try:
+            SamplingParams(**fields)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    optim.from_config(config.optimizer, config.train.num_steps)
     est = config.estimator
     divergences.get(est.divergence, **dict(est.divergence_params))
+    estimators.CORRECTIONS.get(est.correction)
+    losses.AGGREGATIONS.get(config.loss.aggregation)
+    if est.level not in estimators.LEVELS:
+        raise ValueError(f"estimator.level must be one of {estimators.LEVELS}; got {est.level!r}")
+    if not 0.0 <= float(est.discount) <= 1.0:
+        raise ValueError(f"estimator.discount must be in [0, 1]; got {est.discount!r}")
     if est.baseline == "none":
         raise ValueError("estimator.baseline: no baseline is None, not 'none'")
     if est.baseline is not None:
@@ -337,10 +387,20 @@ class Trainer:
 
     # ------------------------------------------------------------------------ checkpoints, export
 
-    def checkpoints(self, workdir: str) -> checkpoint.CheckpointManager:
-        """The run's checkpoint manager (`workdir/checkpoints`)."""
+    def checkpoints(self, workdir: str, *, read_only: bool = False) -> checkpoint.CheckpointManager:
+        """The run's checkpoint manager (`workdir/checkpoints`); saves are written in the
+        background while training goes on. `read_only` (evaluation, export, or any reader beside a
+        running trainer) never writes, deletes, moves or creates anything, and the folder must
+        exist."""
+        folder = os.path.join(workdir, "checkpoints")
+        if read_only and not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"no checkpoints folder under {workdir!r}: is --workdir the training run's folder?"
+            )
         keep = self.config.train.keep_checkpoints
-        return checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints"), keep=keep)
+        return checkpoint.CheckpointManager(
+            folder, keep=keep, read_only=read_only, async_save=not read_only
+        )
 
     def save(
         self,
@@ -352,7 +412,16 @@ class Trainer:
         data_state: dict[str, Any] | None,
         force: bool = False,
     ) -> None:
-        """Checkpoint `state` as `step` (asynchronous; `force` saves off the schedule too)."""
+        """Checkpoint `state` as `step` (`force` replaces an existing step). Non-finite params are
+        never saved: NonFiniteError, and the previous checkpoints stay the latest."""
+        finite = jax.tree.reduce(
+            lambda ok, x: ok & jnp.isfinite(x).all(), state.params, jnp.asarray(True)
+        )
+        if not bool(finite):
+            raise NonFiniteError(
+                f"not saving step {step}: the student's params are not finite; the latest "
+                f"checkpoint in {manager.directory} is the last good one"
+            )
         manager.save(
             step,
             params=state.params,
@@ -362,6 +431,7 @@ class Trainer:
             metadata={"updates": int(state.step)},
             force=force,
         )
+        faults.point("save")
 
     def restore(
         self, manager: checkpoint.CheckpointManager, rng: jax.Array
@@ -382,7 +452,7 @@ class Trainer:
 
     def restore_from(self, workdir: str) -> train_step.TrainState:
         """The latest complete checkpoint's state under `workdir` (FileNotFoundError if none)."""
-        with self.checkpoints(workdir) as manager:
+        with self.checkpoints(workdir, read_only=True) as manager:
             found = self.restore(manager, jax.random.key(0))
         if found is None:
             raise FileNotFoundError(f"no complete checkpoint under {workdir}/checkpoints")
@@ -392,6 +462,7 @@ class Trainer:
         """The student with `params` as a Hugging Face folder (config, safetensors, tokenizer)."""
         nnx.update(self.student, params)
         models.save_pretrained(self.student, out_dir)
+        faults.point("export")
         self.tokenizer.hf.save_pretrained(out_dir)
         return out_dir
 
@@ -402,7 +473,6 @@ class Trainer:
         (also written to `workdir/metrics.jsonl`)."""
         config = self.config
         os.makedirs(workdir, exist_ok=True)
-        metrics.write_config(config, workdir)
         state, key = self.init_state(), jax.random.key(config.seed)
         pipeline = data.PromptPipeline(
             config.data.train_path,
@@ -419,8 +489,16 @@ class Trainer:
         found = self.restore(ckpt, key)
         if found is not None:
             start, state, data_state = found
+            if start > config.train.num_steps:
+                ckpt.close()
+                raise ValueError(
+                    f"{workdir} has a checkpoint at step {start}, past train.num_steps="
+                    f"{config.train.num_steps}: raise train.num_steps to continue the run, or "
+                    "use another workdir"
+                )
             pipeline.set_state(data_state)
             logger.info("resumed from step %d", start)
+        metrics.write_config(config, workdir)  # only once the run is known to start or resume
         writer = metrics.MetricWriter(workdir)
         writer.truncate_after(start)
         timer, skips, last_eval = metrics.Timer(), 0, {}
@@ -433,6 +511,7 @@ class Trainer:
             with timer("eval"):
                 out = self.evaluate(state.params, key, examples, eval_prompts)
             writer.write(step, out, split="eval")
+            faults.point("eval")
             logger.info("eval %s", metrics.format_line(step, out))
             return out
 
@@ -446,11 +525,13 @@ class Trainer:
             with timer("rollout"):
                 rollout = self.rollout(state.params, prompts_batch, step_key)
                 jax.block_until_ready(rollout.tokens)
+            faults.point("rollout")
             with timer("reward"):
                 rewards = self.rollout_rewards(prompts_batch, rollout, verifier_stats)
             with timer("update"):
                 state, step_metrics = self.update(state, rollout)
                 step_metrics = jax.device_get(step_metrics)
+            faults.point("update")
             tokens = float(np.asarray(rollout.mask).sum())
             row = {
                 **step_metrics,
@@ -462,6 +543,7 @@ class Trainer:
             skips = skips + 1 if step_metrics["skipped"] else 0
             if step % config.train.log_every == 0 or skips:
                 writer.write(step + 1, row)
+                faults.point("metrics")
             if skips >= config.train.max_consecutive_skips:
                 writer.close()
                 raise NonFiniteError(
@@ -485,7 +567,12 @@ class Trainer:
                     force=done == config.train.num_steps,
                 )
         bar.close()
-        if config.train.eval_every == 0 or config.train.num_steps % config.train.eval_every:
+        if start == config.train.num_steps:  # already complete: report its last evaluation
+            logger.info("%s: the run is already complete at step %d", workdir, start)
+            rows = metrics.read_jsonl(workdir, split="eval")
+            last_eval = {k: v for k, v in (rows[-1] if rows else {}).items() if k != "split"}
+            last_eval.pop("step", None)
+        elif config.train.eval_every == 0 or config.train.num_steps % config.train.eval_every:
             last_eval = run_eval(config.train.num_steps) or last_eval
         ckpt.wait()
         if config.train.export_final:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from opdplus_jax import (
@@ -366,3 +368,94 @@ def test_equal_optimizer_settings_share_one_optimizer_object():
 def test_off_is_spelt_none(assets, tmp_path, field, old):
     with pytest.raises(ValueError, match="None"):
         trainer.validate(_config(assets, **{field: old}))
+
+
+# ----------------------------------------------------------------- faults: nothing lost or wrong
+
+
+def test_nan_learning_rate_is_refused_before_any_model_loads(assets):
+    config = _config(assets, **{"optimizer.learning_rate": float("nan")})
+    with pytest.raises(ValueError, match=r"optimizer\.learning_rate must be a finite number > 0"):
+        trainer.validate(config)
+
+
+def test_a_non_finite_update_is_skipped_and_never_saved(assets, tmp_path):
+    run = trainer.Trainer.setup(_config(assets), mesh=_one_device())
+    # Bypass the config check: an optimizer whose updates are NaN while loss and grads are not.
+    run.optimizer = optim.make_optimizer(10, learning_rate=1e-2)
+    run.optimizer = optax.chain(run.optimizer, optax.scale(float("nan")))
+    state = run.init_state()
+    before = jax.device_get(state.params)
+    state, out = run.update(state, jax.tree.map(jnp.asarray, _rollout(run)))
+    assert float(out["skipped"]) == 1.0 and np.isfinite(float(out["loss"]))
+    chex.assert_trees_all_equal(jax.device_get(state.params), before)
+    assert int(state.step) == 0
+    # Params that are not finite are refused by save, and nothing is written.
+    bad = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+    with run.checkpoints(str(tmp_path)) as manager:
+        with pytest.raises(trainer.NonFiniteError, match="not finite"):
+            run.save(manager, 1, bad, rng=jax.random.key(0), data_state={})
+        assert manager.all_steps() == []
+
+
+def test_eval_and_export_never_modify_the_run_directory(assets, tmp_path):
+    config = _config(assets, **{"train.num_steps": 2})
+    workdir = tmp_path / "run"
+    _train(config, workdir)
+    # A save in progress by a running trainer, which a reader must leave alone.
+    in_progress = workdir / "checkpoints" / "4.orbax-checkpoint-tmp-1234"
+    in_progress.mkdir()
+    (in_progress / "part").write_text("being written")
+    listing = lambda: sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    before = listing()
+    out = trainer.evaluate_checkpoint(config, str(workdir))
+    assert np.isfinite(out["accuracy"])
+    trainer.export(config, str(workdir), str(tmp_path / "hf"))
+    assert listing() == before
+    typo = tmp_path / "runn"
+    with pytest.raises(FileNotFoundError, match="no checkpoints folder"):
+        trainer.evaluate_checkpoint(config, str(typo))
+    assert not typo.exists()
+
+
+def test_a_refused_resume_writes_nothing(assets, tmp_path):
+    config = _config(assets, **{"train.num_steps": 2})
+    _train(config, tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+    shorter = _config(assets, **{"train.num_steps": 1})
+    with pytest.raises(ValueError, match=r"past train\.num_steps=1"):
+        _train(shorter, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no config.1.json
+    assert metrics.read_jsonl(tmp_path / "metrics.jsonl") == rows
+    # Re-running the finished run adds no rows and returns its last evaluation.
+    again = _train(config, tmp_path)
+    assert metrics.read_jsonl(tmp_path / "metrics.jsonl") == rows
+    assert again["accuracy"] == [r for r in rows if r["split"] == "eval"][-1]["accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("train.checkpoint_every", 0, "train.checkpoint_every must be an int >= 1"),
+        ("train.log_every", 0, "train.log_every must be an int >= 1"),
+        ("loss.num_minibatches", 0, "loss.num_minibatches must be an int >= 1"),
+        ("eval.batch_size", 0, "eval.batch_size must be an int >= 1"),
+        ("eval.num_samples", 0, "eval.num_samples must be an int >= 1"),
+        ("eval.num_prompts", 0, "eval.num_prompts must be an int >= 1"),
+        ("rollout.num_samples", 0, "rollout.num_samples must be an int >= 1"),
+        ("train.max_consecutive_skips", 0, "train.max_consecutive_skips must be an int >= 1"),
+        ("optimizer.grad_accum", -2, "optimizer.grad_accum must be an int >= 1"),
+        ("rollout.temperature", -1.0, "rollout: temperature must be a finite number >= 0"),
+        ("eval.max_new_tokens", 0, "eval: max_new_tokens must be an int >= 1"),
+        ("rollout.top_p", 0.0, "rollout: top_p must be in"),
+        ("estimator.discount", 1.5, "estimator.discount must be in"),
+        ("estimator.level", "tokens", "estimator.level must be one of"),
+        ("loss.aggregation", "token_meen", "did you mean 'token_mean'"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_model_loads(assets, tmp_path, field, value, match):
+    config = _config(assets, **{field: value, "student.path": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match=re.escape(match)):
+        _train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

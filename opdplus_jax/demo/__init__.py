@@ -31,8 +31,11 @@ that build cached data and models the same way (the experiments do).
 """
 
 from opdplus_jax.demo.main import (
+    DEMO_MARKER,
     PRESETS,
+    RUN_OUTPUTS,
     UNTIL,
+    clear_run,
     distill_config,
     main,
     parse_args,
@@ -55,13 +58,16 @@ from opdplus_jax.demo.stages import (
 )
 
 __all__ = [
+    "DEMO_MARKER",
     "MODEL_NAMES",
     "PRESETS",
+    "RUN_OUTPUTS",
     "UNTIL",
     "ModelStage",
     "Settings",
     "build_data",
     "build_model",
+    "clear_run",
     "distill_config",
     "evaluate_model",
     "finish_stage",

@@ -27,6 +27,7 @@ from opdplus_jax.demo.stages import (
 from opdplus_jax.tokenizer import Tokenizer
 
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "export")
+DEMO_MARKER = "demo_run.json"  # marks a workdir whose run outputs the demo wrote
 PRESETS = ("cpu", "strong_to_weak")
 # `run(until=...)`: the last stage to run; each includes the ones before it.
 UNTIL = ("data", "models", "report")
@@ -66,6 +67,29 @@ def distill_config(
 # ---------------------------------------------------------------------------------------- run
 
 
+def clear_run(workdir: str, *, overwrite: bool = False) -> None:
+    """Removes the previous distillation's outputs (RUN_OUTPUTS) from `workdir`: the demo
+    re-runs it from scratch every time. Outputs the demo did not write (no `DEMO_MARKER`, e.g.
+    an `opdplus-train` run) are only removed with `overwrite`; otherwise FileExistsError.
+    Writes the marker last, so the next demo run may replace this one."""
+    found = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(workdir, n))]
+    marker = os.path.join(workdir, DEMO_MARKER)
+    if found and not os.path.isfile(marker) and not overwrite:
+        raise FileExistsError(
+            f"{workdir} holds a training run the demo did not write ({', '.join(found)}); "
+            "pass another --workdir, or --overwrite to delete it"
+        )
+    for name in found:
+        path = os.path.join(workdir, name)
+        _log(f"[distill] removing the previous run's {path}")
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump({"written_by": "python -m opdplus_jax.demo"}, f)
+
+
 def run(
     workdir: str,
     *,
@@ -75,6 +99,7 @@ def run(
     overrides: dict[str, Any] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     until: str = "report",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Runs the stages (see the package docstring) up to `until`.
 
@@ -87,6 +112,7 @@ def run(
       mesh: the distillation's mesh (default: `config.mesh` over all devices).
       until: the last stage to run, one of UNTIL: "data" (tokenizer and JSONL files), "models"
         (also every SFT model of the preset) or "report" (also the distillation and report).
+      overwrite: replace run outputs in `workdir` that the demo did not write (see `clear_run`).
 
     Returns:
       With until="report", the summary written to summary.json. Otherwise `{"preset",
@@ -137,12 +163,7 @@ def run(
         f"[distill] preset {preset}: student {student_name}, {config.train.num_steps} OPD steps "
         f"({config.estimator.correction}, {config.estimator.divergence}) -> {workdir}"
     )
-    for name in RUN_OUTPUTS:  # the distillation is re-run from scratch every time
-        path = os.path.join(workdir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.isfile(path):
-            os.remove(path)
+    clear_run(workdir, overwrite=overwrite)
     start = time.perf_counter()
     final = trainer.train_and_evaluate(config, workdir, mesh=mesh)
     seconds["distill"] = time.perf_counter() - start
@@ -211,6 +232,11 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cache_dir", default=None, help="models/data cache (default: workdir)")
     p.add_argument("--preset", default="cpu", choices=PRESETS)
     p.add_argument("--fresh", action="store_true", help="rebuild the cached data and models")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a training run in --workdir that the demo did not write",
+    )
     p.add_argument("--until", default="report", choices=UNTIL,
                    help="last stage to run: data, models, or report (everything)")  # fmt: skip
     kinds = {"int": int, "float": float}
@@ -242,6 +268,7 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": Settings(**{f.name: getattr(args, f.name) for f in fields}),
         "overrides": overrides,
         "until": args.until,
+        "overwrite": args.overwrite,
         "fresh": args.fresh,
     }
 

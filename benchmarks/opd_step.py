@@ -40,7 +40,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import JsonLineWorker  # benchmarks/common.py, next to this script
 
 from opdplus_jax import sharding, trainer
 from opdplus_jax.configs import default
@@ -84,38 +84,21 @@ def save_word_tokenizer(folder: str, vocab_size: int) -> str:
     return folder
 
 
-class TrlWorker:
+class TrlWorker(JsonLineWorker):
     """`benchmarks/trl_opd_step.py` in a subprocess; `run()` releases and times one TRL step."""
 
     def __init__(self, python: str, args: dict, omp_wait_policy: str):
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         env.update(HF_DATASETS_OFFLINE="1", OMP_WAIT_POLICY=omp_wait_policy)
         env.pop("PYTHONPATH", None)
-        self.proc = subprocess.Popen(
-            [python, os.path.join(HERE, "trl_opd_step.py"), json.dumps(args)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"TRL worker exited with code {self.proc.wait()}")
-            if line.startswith("{"):
-                return json.loads(line)
+        argv = [python, os.path.join(HERE, "trl_opd_step.py"), json.dumps(args)]
+        super().__init__(argv, env, "TRL")
 
     def run(self) -> dict:
-        self.proc.stdin.write("step\n")
-        self.proc.stdin.flush()
-        return self._read()
+        return self.request("step")
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        super().close(timeout=60)
 
 
 def step_flops(student, teacher, batch: int, prompt: int, new: int) -> dict[str, float]:

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import JsonLineWorker  # benchmarks/common.py, next to this script
 
 from opdplus_jax import models, sampling
 from opdplus_jax.rollout import SamplingParams, StaticEngine
@@ -76,34 +76,15 @@ for line in sys.stdin:  # one timed generate per request line
 """
 
 
-class TorchWorker:
+class TorchWorker(JsonLineWorker):
     """transformers in a subprocess of a Python with torch; `run()` times one generate call."""
 
     def __init__(self, python: str, args: dict):
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        self.proc = subprocess.Popen(
-            [python, "-c", TORCH_WORKER, json.dumps(args)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"PyTorch worker exited with code {self.proc.wait()}")
-        return json.loads(line)
+        super().__init__([python, "-c", TORCH_WORKER, json.dumps(args)], env, "PyTorch")
 
     def run(self) -> float:
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
-        return self._read()["seconds"]
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
+        return self.request("run")["seconds"]
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:

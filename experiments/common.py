@@ -46,7 +46,8 @@ TRAIN_TAIL = 5  # final train metrics: mean over this many last steps
 TRAIN_KEYS = ("loss", "kl_per_token", "accuracy", "advantage_abs_mean", "grad_norm")
 RUN_METRICS = ("accuracy", "kl_per_token", *(f"train_{k}" for k in TRAIN_KEYS), "seconds")
 
-# --quick: the tiny settings of tests/test_demo.py (seconds per run, numbers meaningless).
+# --quick: tiny settings, also those of tests/test_demo.py (seconds per run, numbers
+# meaningless). small_hidden_size = hidden_size: the small base shares the base's compilations.
 QUICK_SETTINGS = demo.Settings(
     num_train=48, num_test=6, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
     small_hidden_size=32, small_num_layers=1, sft_batch_size=8, base_steps=2, teacher_steps=3,

@@ -127,6 +127,21 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str) -> str:
+    """Lay out `fig`, write it to `path` and close it; returns `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _reference_lines(ax, key: str, refs: dict[str, dict] | None) -> None:
+    """Horizontal gray lines at `refs` {name: {key: y}} values of `key` (where present)."""
+    for i, (name, vals) in enumerate((refs or {}).items()):
+        if key in vals:
+            ax.axhline(vals[key], ls=("--", ":")[i % 2], color="gray", label=name)
+
+
 def plot_curves(path: str, curves: Sequence[dict], key: str = "accuracy", refs=None,
                 title: str = "") -> str:  # fmt: skip
     """Mean ± std (band) over seeds of `key` vs step, one line per label; `refs`: {name: y}."""
@@ -144,10 +159,7 @@ def plot_curves(path: str, curves: Sequence[dict], key: str = "accuracy", refs=N
         ax.axhline(y, ls=("--", ":", "-.")[i % 3], color="gray", label=name)
     ax.set(xlabel="OPD step", ylabel=f"held-out {key} (greedy)", title=title)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_bars(path: str, summary: Sequence[dict], label_of: Callable[[dict], str],
@@ -161,18 +173,13 @@ def plot_bars(path: str, summary: Sequence[dict], label_of: Callable[[dict], str
         x = np.arange(len(summary))
         ax.bar(x, [s[f"{key}_mean"] for s in summary], yerr=[s[f"{key}_std"] for s in summary],
                capsize=3, color="tab:blue", alpha=0.8)  # fmt: skip
-        for i, (name, vals) in enumerate((refs or {}).items()):
-            if key in vals:
-                ax.axhline(vals[key], ls=("--", ":")[i % 2], color="gray", label=name)
+        _reference_lines(ax, key, refs)
         ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)
         if refs:
             ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_vs_x(path: str, summary: Sequence[dict], x: str, keys: Sequence[tuple[str, str]],
@@ -184,13 +191,8 @@ def plot_vs_x(path: str, summary: Sequence[dict], x: str, keys: Sequence[tuple[s
     for ax, (key, ylabel) in zip(axes[0], keys, strict=True):
         ax.errorbar(xs, [s[f"{key}_mean"] for s in summary], [s[f"{key}_std"] for s in summary],
                     fmt="o-", capsize=3, label="student")  # fmt: skip
-        for i, (name, vals) in enumerate((refs or {}).items()):
-            if key in vals:
-                ax.axhline(vals[key], ls=("--", ":")[i % 2], color="gray", label=name)
+        _reference_lines(ax, key, refs)
         ax.set(xlabel=x, ylabel=ylabel)
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -32,9 +32,8 @@
 # `--quick` outputs); `OPDPLUS_NOTEBOOK_SMALL=1` skips writing figures to `notebooks/figures/`.
 
 # %%
-import contextlib
-import csv
 import os
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -42,22 +41,17 @@ import numpy as np
 
 SMALL = os.environ.get("OPDPLUS_NOTEBOOK_SMALL", "0") not in ("", "0")
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+if str(HERE.parent) not in sys.path:
+    sys.path.append(str(HERE.parent))  # the repository root: `experiments` is not installed
+from experiments.outputs import read_csv
+
 RESULTS = Path(os.environ.get("OPDPLUS_RESULTS_DIR", HERE.parent / "experiments" / "results"))
 FIGURES = HERE / "figures"
 
 
 def load(name, file="runs.csv"):
     """Rows of results/<name>/<file>, numeric cells as floats; [] if the file is missing."""
-    path = RESULTS / name / file
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for k, v in row.items():
-            with contextlib.suppress(TypeError, ValueError):
-                row[k] = float(v)
-    return rows
+    return read_csv(str(RESULTS / name / file))
 
 
 def stats(rows, label, key):

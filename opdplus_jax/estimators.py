@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -257,18 +257,7 @@ def estimate(
 
 
 def advantages(
-    student_logp: jax.Array,
-    teacher_logp: jax.Array,
-    mask: jax.Array,
-    *,
-    divergence: str | divergences.Divergence = "reverse_kl",
-    correction: str = "opd_plus",
-    level: Level = "token",
-    discount: float = 0.0,
-    reward_scale: float = 1.0,
-    ref_logp: jax.Array | None = None,
-    log_ratio_clip: float | None = None,
-    discount_objective: bool = False,
+    student_logp: jax.Array, teacher_logp: jax.Array, mask: jax.Array, **config: Any
 ) -> jax.Array:
     """Per-token OPD / OPD+ / G-OPD advantages [B, T] (zero where mask is 0); see module doc.
 
@@ -276,31 +265,20 @@ def advantages(
       student_logp, teacher_logp: [B, T] log-probs of the sampled tokens under the learner and the
         teacher. Compute both with the learner-side forward, not the rollout engine (MATH 5.2).
       mask: [B, T], 1 on response tokens (through EOS), 0 elsewhere.
-      divergence: a registered name (`opdplus_jax.divergences.names()`) or a Divergence object.
-      correction: a `CORRECTIONS` name: "opd_plus" (w_f(u) = u f'(u) - f(u), unbiased) or
-        "stop_grad" (-f(u)).
-      level: "token" or "sequence".
-      discount: gamma in [0, 1] for the reward-to-go of later tokens' rewards (token level).
-      reward_scale: lambda of G-OPD; != 1 needs `ref_logp`. 1.25 is ExOPD.
-      ref_logp: [B, T] reference log-probs (student init, or the teacher's pre-RL base).
-      log_ratio_clip: clamp log u to [-c, c] (biased); None (the default) is off.
-      discount_objective: scale step t by discount^t (unbiased for the discounted objective).
+      **config: the keyword arguments of `estimate`, with its defaults:
+        divergence: a registered name (`opdplus_jax.divergences.names()`) or a Divergence object.
+        correction: a `CORRECTIONS` name: "opd_plus" (w_f(u) = u f'(u) - f(u), unbiased) or
+          "stop_grad" (-f(u)).
+        level: "token" or "sequence".
+        discount: gamma in [0, 1] for the reward-to-go of later tokens' rewards (token level).
+        reward_scale: lambda of G-OPD; != 1 needs `ref_logp`. 1.25 is ExOPD.
+        ref_logp: [B, T] reference log-probs (student init, or the teacher's pre-RL base).
+        log_ratio_clip: clamp log u to [-c, c] (biased); None (the default) is off.
+        discount_objective: scale step t by discount^t (unbiased for the discounted objective).
 
     Jit-able: config arguments are Python values; call under `jax.jit` with them bound.
     """
-    return estimate(
-        student_logp,
-        teacher_logp,
-        mask,
-        divergence=divergence,
-        correction=correction,
-        level=level,
-        discount=discount,
-        reward_scale=reward_scale,
-        ref_logp=ref_logp,
-        log_ratio_clip=log_ratio_clip,
-        discount_objective=discount_objective,
-    ).advantages
+    return estimate(student_logp, teacher_logp, mask, **config).advantages
 
 
 @BASELINES.register("loo")

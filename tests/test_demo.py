@@ -9,33 +9,12 @@ import jax
 import numpy as np
 import pytest
 
+from experiments.common import QUICK_OVERRIDES, QUICK_SETTINGS
 from opdplus_jax import demo, metrics, models, sharding, tasks
 
-TINY = demo.Settings(
-    num_train=48,
-    num_test=6,
-    hidden_size=32,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    small_hidden_size=32,  # the base's shape: shares its compilations (the test's time)
-    small_num_layers=1,
-    sft_batch_size=8,
-    base_steps=2,
-    teacher_steps=3,
-    small_base_steps=2,
-)
-OVERRIDES = {
-    "train.num_steps": 2,
-    "train.eval_every": 1,
-    "train.checkpoint_every": 2,
-    "data.batch_size": 2,
-    "rollout.num_samples": 2,
-    "rollout.max_new_tokens": 8,
-    "eval.num_prompts": 6,
-    "eval.batch_size": 8,
-    "eval.max_new_tokens": 8,
-}
+# The experiments' --quick settings (seconds per run), with a short strong_to_weak small base.
+TINY = dataclasses.replace(QUICK_SETTINGS, small_base_steps=2)
+OVERRIDES = {**QUICK_OVERRIDES, "train.checkpoint_every": 2}
 
 
 def _mesh():

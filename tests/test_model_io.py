@@ -1,8 +1,10 @@
 """Checkpoint loading and export: round trips, transformers' layout, sharded files, bad input."""
 
+import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +40,25 @@ def _tensors(folder):
 def _copy(src, dst):
     shutil.copytree(os.path.join(DATA, src), dst)
     return dst
+
+
+def _without_tensor(src, dst, name):
+    """A copy of the fixture `src` in `dst` whose model.safetensors lacks the tensor `name`."""
+    folder = _copy(src, dst)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+@contextlib.contextmanager
+def _edited_json(path):
+    """The JSON file at `path`, loaded for in-place edits and written back on exit."""
+    with open(path) as f:
+        data = json.load(f)
+    yield data
+    with open(path, "w") as f:
+        json.dump(data, f)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -161,18 +182,19 @@ def test_missing_config_json(tmp_path):
         models.from_pretrained(tmp_path)
 
 
-def test_missing_weights_file(tmp_path):
-    folder = _copy("qwen2", tmp_path / "m")
-    os.remove(folder / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
+@pytest.mark.parametrize(
+    ("family", "removed"),
+    [("qwen2", "model.safetensors"), ("qwen3_sharded", "model-00002-of-00003.safetensors")],
+)
+def test_missing_weights_file_is_named(tmp_path, family, removed):
+    folder = _copy(family, tmp_path / "m")
+    os.remove(folder / removed)
+    with pytest.raises(FileNotFoundError, match=re.escape(removed)):
         models.from_pretrained(folder)
 
 
 def test_missing_tensor_names_file_and_tensor(tmp_path):
-    folder = _copy("qwen2", tmp_path / "m")
-    tensors = load_file(folder / "model.safetensors")
-    del tensors["model.layers.1.self_attn.k_proj.bias"]
-    save_file(tensors, folder / "model.safetensors")
+    folder = _without_tensor("qwen2", tmp_path / "m", "model.layers.1.self_attn.k_proj.bias")
     with pytest.raises(
         KeyError, match=r"m/model\.safetensors: missing.*model\.layers\.1\.self_attn\.k_proj\.bias"
     ):
@@ -180,21 +202,15 @@ def test_missing_tensor_names_file_and_tensor(tmp_path):
 
 
 def test_untied_checkpoint_without_lm_head(tmp_path):
-    folder = _copy("llama3", tmp_path / "m")
-    tensors = load_file(folder / "model.safetensors")
-    del tensors["lm_head.weight"]
-    save_file(tensors, folder / "model.safetensors")
+    folder = _without_tensor("llama3", tmp_path / "m", "lm_head.weight")
     with pytest.raises(KeyError, match=r"lm_head\.weight"):
         models.from_pretrained(folder)
 
 
 def test_shape_mismatch_names_file_and_tensor(tmp_path):
     folder = _copy("qwen3_untied", tmp_path / "m")
-    with open(folder / "config.json") as f:
-        config = json.load(f)
-    config["intermediate_size"] = 96
-    with open(folder / "config.json", "w") as f:
-        json.dump(config, f)
+    with _edited_json(folder / "config.json") as config:
+        config["intermediate_size"] = 96
     with pytest.raises(ValueError, match=r"model\.safetensors.*model\.layers\.0\.mlp\.gate_proj"):
         models.from_pretrained(folder)
 
@@ -215,22 +231,12 @@ def test_corrupt_safetensors_names_file(tmp_path, damage):
         models.from_pretrained(folder)
 
 
-def test_sharded_index_with_missing_shard(tmp_path):
-    folder = _copy("qwen3_sharded", tmp_path / "m")
-    os.remove(folder / "model-00002-of-00003.safetensors")
-    with pytest.raises(FileNotFoundError, match=r"model-00002-of-00003\.safetensors"):
-        models.from_pretrained(folder)
-
-
 def test_sharded_index_listing_absent_tensor(tmp_path):
     folder = _copy("qwen3_sharded", tmp_path / "m")
-    with open(folder / "model.safetensors.index.json") as f:
-        index = json.load(f)
     wrong = "model-00001-of-00003.safetensors"
-    name = next(k for k, v in index["weight_map"].items() if v != wrong)
-    index["weight_map"][name] = wrong
-    with open(folder / "model.safetensors.index.json", "w") as f:
-        json.dump(index, f)
+    with _edited_json(folder / "model.safetensors.index.json") as index:
+        name = next(k for k, v in index["weight_map"].items() if v != wrong)
+        index["weight_map"][name] = wrong
     with pytest.raises(KeyError, match=name.replace(".", r"\.")):
         models.from_pretrained(folder)
 

@@ -265,7 +265,8 @@ def test_random_init_and_split_merge():
 # ----- configuration errors -----
 
 
-def _hf_config(**overrides):
+def hf_config(**overrides):
+    """A tiny Qwen3 config.json as a dict (also used by test_registry)."""
     base = {
         "model_type": "qwen3",
         "architectures": ["Qwen3ForCausalLM"],
@@ -290,7 +291,7 @@ def _write(tmp_path, cfg):
 
 
 def test_config_missing_key_names_file_and_key(tmp_path):
-    cfg = _hf_config()
+    cfg = hf_config()
     del cfg["intermediate_size"]
     with pytest.raises(ValueError, match=r"config\.json.*intermediate_size"):
         models.load_config(_write(tmp_path, cfg))
@@ -301,22 +302,22 @@ def test_config_unsupported_model_type(tmp_path):
     with pytest.raises(
         NotImplementedError, match=rf"config\.json: unknown model_type 'gpt2'; {valid}"
     ):
-        models.load_config(_write(tmp_path, _hf_config(model_type="gpt2")))
+        models.load_config(_write(tmp_path, hf_config(model_type="gpt2")))
 
 
 def test_config_unsupported_architecture(tmp_path):
-    cfg = _hf_config(architectures=["Qwen3ForSequenceClassification"])
+    cfg = hf_config(architectures=["Qwen3ForSequenceClassification"])
     with pytest.raises(NotImplementedError, match="Qwen3ForSequenceClassification"):
         models.load_config(_write(tmp_path, cfg))
 
 
 def test_config_moe_is_planned(tmp_path):
     with pytest.raises(NotImplementedError, match=r"Qwen3-MoE.*planned"):
-        models.load_config(_write(tmp_path, _hf_config(model_type="qwen3_moe")))
+        models.load_config(_write(tmp_path, hf_config(model_type="qwen3_moe")))
 
 
 def test_config_unsupported_rope_type(tmp_path):
-    cfg = _hf_config(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
+    cfg = hf_config(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
     with pytest.raises((NotImplementedError, ValueError), match="longrope"):
         models.load_config(_write(tmp_path, cfg))
 

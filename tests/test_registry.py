@@ -15,6 +15,7 @@ from flax import nnx
 from opdplus_jax import divergences, estimators, losses, models, tasks, verifiers
 from opdplus_jax.models import config as config_lib
 from opdplus_jax.registry import Registry
+from tests.test_models import hf_config
 
 
 @pytest.fixture
@@ -203,20 +204,7 @@ def test_new_task_is_usable_by_get_generate_and_verify(added):
 
 
 def _hf_config(model_type, **overrides):
-    base = {
-        "model_type": model_type,
-        "architectures": ["Qwen3ForCausalLM"],
-        "vocab_size": 64,
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 16,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-    }
-    return SimpleNamespace(**{**base, **overrides})
+    return SimpleNamespace(**hf_config(model_type=model_type, **overrides))
 
 
 def test_new_model_family_row_parses_configs(added):
@@ -256,3 +244,27 @@ def test_new_model_family_row_loads_with_from_pretrained(added, tmp_path):
     np.testing.assert_array_equal(loaded(tokens), reference(tokens))
     params = jax.tree.leaves(nnx.state(loaded, nnx.Param))
     assert sum(x.size for x in params) == copy.num_params()
+
+
+def test_readme_extension_example_runs(added):
+    """The README's "Extending" snippet registers working entries."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Extending", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    added(divergences.REGISTRY, "twice_reverse_kl")
+    added(losses.AGGREGATIONS, "token_sum")
+    added(estimators.BASELINES, "half_loo")
+    exec(compile(code, "README.md", "exec"), {})
+    ls, lt, mask = _batch()
+    got = estimators.advantages(ls, lt, mask, divergence="twice_reverse_kl", correction="opd_plus")
+    want = 2.0 * estimators.advantages(ls, lt, mask, divergence="reverse_kl")
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    loss = losses.pg_loss(jnp.asarray(ls), jnp.asarray(lt), mask, aggregation="token_sum")
+    assert float(loss) == pytest.approx(float(np.sum(-lt * mask)), rel=1e-6)
+    adv = np.arange(8, dtype=np.float32).reshape(4, 2)
+    half = estimators.group_baseline(adv, np.ones_like(adv), 2, kind="half_loo")
+    loo = estimators.group_baseline(adv, np.ones_like(adv), 2, kind="loo")
+    np.testing.assert_allclose(half, 0.5 * (adv + loo))

@@ -239,20 +239,16 @@ class PromptPipeline(_BatchStream):
         records, where = records_from(source, required=required)
         teacher_ids = _teacher_indices(records, teachers, where)
         texts = chat_prompt_texts(tokenizer, [r["prompt"] for r in records], system_prompt)
-        token_lists = tokenizer.encode(texts)
-        items, dropped = [], []
-        for i, (rec, toks) in enumerate(zip(records, token_lists, strict=True)):
-            if len(toks) > max_prompt_len:
-                dropped.append(len(toks))
-                continue
-            items.append(_item(i, rec, teacher_ids[i], toks, len(toks)))
-        self.stats = _length_stats(len(records), items, dropped, "prompt_too_long")
-        if not items:
-            raise ValueError(
-                f"{where}: all {len(records)} prompts are longer than max_prompt_len="
-                f"{max_prompt_len} tokens (shortest: {min(dropped)}); raise max_prompt_len"
-            )
-        _log_drops(where, self.stats, f"max_prompt_len={max_prompt_len}")
+        sequences = [(toks, len(toks)) for toks in tokenizer.encode(texts)]
+        items, self.stats = _length_filtered_items(
+            records,
+            teacher_ids,
+            sequences,
+            where,
+            limit=("max_prompt_len", max_prompt_len),
+            reason="prompt_too_long",
+            what="prompts",
+        )
         self.max_prompt_len = max_prompt_len
         self.pad_id = tokenizer.pad_id
         self.teachers = None if teachers is None else list(teachers)
@@ -308,20 +304,18 @@ class SFTPipeline(_BatchStream):
             chat_prompt_texts(tokenizer, [r["prompt"] for r in records], system_prompt)
         )
         solutions = tokenizer.encode([r["solution"] for r in records])
-        items, dropped = [], []
-        for i, (rec, p, s) in enumerate(zip(records, prompts, solutions, strict=True)):
-            toks = [*p, *s, tokenizer.eos_id]
-            if len(toks) > seq_len:
-                dropped.append(len(toks))
-                continue
-            items.append(_item(i, rec, teacher_ids[i], toks, len(p)))
-        self.stats = _length_stats(len(records), items, dropped, "sequence_too_long")
-        if not items:
-            raise ValueError(
-                f"{where}: all {len(records)} prompt + solution sequences are longer than "
-                f"seq_len={seq_len} tokens (shortest: {min(dropped)}); raise seq_len"
-            )
-        _log_drops(where, self.stats, f"seq_len={seq_len}")
+        sequences = [
+            ([*p, *s, tokenizer.eos_id], len(p)) for p, s in zip(prompts, solutions, strict=True)
+        ]
+        items, self.stats = _length_filtered_items(
+            records,
+            teacher_ids,
+            sequences,
+            where,
+            limit=("seq_len", seq_len),
+            reason="sequence_too_long",
+            what="prompt + solution sequences",
+        )
         self.seq_len = seq_len
         self.pad_id = tokenizer.pad_id
         self.teachers = None if teachers is None else list(teachers)
@@ -365,6 +359,36 @@ def _item(index: int, rec: dict[str, Any], teacher: int, tokens, prompt_len: int
         "domain": rec["domain"],
         "task": rec["task"],
     }
+
+
+def _length_filtered_items(
+    records: list[dict[str, Any]],
+    teacher_ids: list[int],
+    sequences: Sequence[tuple[Sequence[int], int]],
+    where: str,
+    *,
+    limit: tuple[str, int],
+    reason: str,
+    what: str,
+) -> tuple[list[dict], dict[str, Any]]:
+    """Items of the records whose (tokens, prompt_len) in `sequences` fit `limit` (its setting's
+    name, max tokens), and the length stats (longer ones are dropped, counted under `reason`
+    and logged). Raises ValueError naming `what` (e.g. "prompts") when none fits."""
+    name, max_len = limit
+    items, dropped = [], []
+    for i, (rec, (toks, prompt_len)) in enumerate(zip(records, sequences, strict=True)):
+        if len(toks) > max_len:
+            dropped.append(len(toks))
+            continue
+        items.append(_item(i, rec, teacher_ids[i], toks, prompt_len))
+    stats = _length_stats(len(records), items, dropped, reason)
+    if not items:
+        raise ValueError(
+            f"{where}: all {len(records)} {what} are longer than {name}={max_len} tokens "
+            f"(shortest: {min(dropped)}); raise {name}"
+        )
+    _log_drops(where, stats, f"{name}={max_len}")
+    return items, stats
 
 
 def _length_stats(total: int, items: list, dropped: list[int], reason: str) -> dict[str, Any]:

@@ -400,14 +400,8 @@ class CausalLM(nnx.Module):
             new_cache.append(layer_cache)
         return self._final_norm(x), new_cache
 
-    def decode(
-        self,
-        tokens_BL: jax.Array,
-        positions_BL: jax.Array,
-        cache: KVCache,
-        write_index: jax.Array | int,
-        kv_mask_BS: jax.Array,
-    ) -> tuple[jax.Array, KVCache]:
-        """`decode_hidden` then the output layer: (float32 logits [B, L, V], updated cache)."""
-        x_BLD, cache = self.decode_hidden(tokens_BL, positions_BL, cache, write_index, kv_mask_BS)
+    def decode(self, *args: Any, **kwargs: Any) -> tuple[jax.Array, KVCache]:
+        """`decode_hidden` (same arguments) then the output layer: (float32 logits [B, L, V],
+        updated cache)."""
+        x_BLD, cache = self.decode_hidden(*args, **kwargs)
         return self.logits(x_BLD), cache

@@ -17,7 +17,7 @@ import dataclasses
 import random
 from typing import ClassVar
 
-from opdplus_jax.tasks.base import TASKS, Example, Task
+from opdplus_jax.tasks.base import TASKS, Example, Task, check_range
 
 
 def _number(rng: random.Random, digits: int) -> int:
@@ -25,18 +25,20 @@ def _number(rng: random.Random, digits: int) -> int:
     return rng.randrange(10) if digits == 1 else rng.randrange(10 ** (digits - 1), 10**digits)
 
 
-def _check_range(lo: int, hi: int, what: str, floor: int, ceil: int) -> None:
-    if not floor <= lo <= hi <= ceil:
-        raise ValueError(f"need {floor} <= min_{what} <= max_{what} <= {ceil}, got {lo}, {hi}")
-
-
 def _is_int(text: str) -> bool:
     return text.lstrip("-").isdigit()
 
 
+class _IntegerAnswerTask(Task):
+    """A task whose answers are integers: a prediction must be one, written exactly the same."""
+
+    def check(self, predicted: str, answer: str) -> bool:
+        return _is_int(predicted) and predicted == answer
+
+
 @TASKS.register
 @dataclasses.dataclass(frozen=True)
-class Addition(Task):
+class Addition(_IntegerAnswerTask):
     """a + b with a and b of `min_digits`..`max_digits` digits; one line per column."""
 
     name: ClassVar[str] = "addition"
@@ -46,15 +48,12 @@ class Addition(Task):
     max_digits: int = 3
 
     def __post_init__(self) -> None:
-        _check_range(self.min_digits, self.max_digits, "digits", 1, 30)
+        check_range(self.min_digits, self.max_digits, "digits", 1, 30)
 
     def sample(self, rng: random.Random) -> Example:
         a = _number(rng, rng.randint(self.min_digits, self.max_digits))
         b = _number(rng, rng.randint(self.min_digits, self.max_digits))
         return self.example(f"What is {a} + {b}?", str(a + b), addition_steps(a, b))
-
-    def check(self, predicted: str, answer: str) -> bool:
-        return _is_int(predicted) and predicted == answer
 
 
 def addition_steps(a: int, b: int) -> str:
@@ -72,7 +71,7 @@ def addition_steps(a: int, b: int) -> str:
 
 @TASKS.register
 @dataclasses.dataclass(frozen=True)
-class Multiplication(Task):
+class Multiplication(_IntegerAnswerTask):
     """a * m with a of `min_digits`..`max_digits` digits and a 1-digit multiplier m."""
 
     name: ClassVar[str] = "multiplication"
@@ -84,16 +83,13 @@ class Multiplication(Task):
     max_multiplier: int = 9
 
     def __post_init__(self) -> None:
-        _check_range(self.min_digits, self.max_digits, "digits", 1, 30)
-        _check_range(self.min_multiplier, self.max_multiplier, "multiplier", 0, 9)
+        check_range(self.min_digits, self.max_digits, "digits", 1, 30)
+        check_range(self.min_multiplier, self.max_multiplier, "multiplier", 0, 9)
 
     def sample(self, rng: random.Random) -> Example:
         a = _number(rng, rng.randint(self.min_digits, self.max_digits))
         m = rng.randint(self.min_multiplier, self.max_multiplier)
         return self.example(f"What is {a} * {m}?", str(a * m), multiplication_steps(a, m))
-
-    def check(self, predicted: str, answer: str) -> bool:
-        return _is_int(predicted) and predicted == answer
 
 
 def multiplication_steps(a: int, m: int) -> str:
@@ -108,7 +104,7 @@ def multiplication_steps(a: int, m: int) -> str:
 
 @TASKS.register
 @dataclasses.dataclass(frozen=True)
-class ModularChain(Task):
+class ModularChain(_IntegerAnswerTask):
     """A left-nested chain ((x op y) op z) mod m of +, -, * reduced each step."""
 
     name: ClassVar[str] = "modular"
@@ -122,8 +118,8 @@ class ModularChain(Task):
     ops: str = "+-*"
 
     def __post_init__(self) -> None:
-        _check_range(self.min_ops, self.max_ops, "ops", 1, 20)
-        _check_range(self.min_modulus, self.max_modulus, "modulus", 2, 10**6)
+        check_range(self.min_ops, self.max_ops, "ops", 1, 20)
+        check_range(self.min_modulus, self.max_modulus, "modulus", 2, 10**6)
         if self.max_operand < 1:
             raise ValueError(f"max_operand must be >= 1, got {self.max_operand}")
         if not self.ops or set(self.ops) - set("+-*"):
@@ -142,6 +138,3 @@ class ModularChain(Task):
             cur = r % m
         solution = "\n".join([*lines, f"#### {cur}"])
         return self.example(f"What is {expr} mod {m}?", str(cur), solution)
-
-    def check(self, predicted: str, answer: str) -> bool:
-        return _is_int(predicted) and predicted == answer

@@ -75,6 +75,12 @@ def seeded_rng(*parts: Any) -> random.Random:
     return random.Random(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest()))
 
 
+def check_range(lo: int, hi: int, what: str, floor: int, ceil: int) -> None:
+    """Validate the knobs ``min_<what>`` = lo and ``max_<what>`` = hi: floor <= lo <= hi <= ceil."""
+    if not floor <= lo <= hi <= ceil:
+        raise ValueError(f"need {floor} <= min_{what} <= max_{what} <= {ceil}, got {lo}, {hi}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Task(abc.ABC):
     """A synthetic verifiable task. Subclasses are frozen dataclasses whose fields are knobs.

@@ -17,12 +17,7 @@ import random
 import string
 from typing import ClassVar
 
-from opdplus_jax.tasks.base import TASKS, Example, Task
-
-
-def _check_len(lo: int, hi: int) -> None:
-    if not 1 <= lo <= hi <= 1000:
-        raise ValueError(f"need 1 <= min_len <= max_len <= 1000, got {lo}, {hi}")
+from opdplus_jax.tasks.base import TASKS, Example, Task, check_range
 
 
 @TASKS.register
@@ -38,7 +33,7 @@ class SortList(Task):
     max_value: int = 99
 
     def __post_init__(self) -> None:
-        _check_len(self.min_len, self.max_len)
+        check_range(self.min_len, self.max_len, "len", 1, 1000)
         if self.max_value < 1:
             raise ValueError(f"max_value must be >= 1, got {self.max_value}")
 
@@ -68,7 +63,7 @@ class ReverseString(Task):
     alphabet: str = string.ascii_lowercase
 
     def __post_init__(self) -> None:
-        _check_len(self.min_len, self.max_len)
+        check_range(self.min_len, self.max_len, "len", 1, 1000)
         if not self.alphabet or any(c.isspace() or not c.isprintable() for c in self.alphabet):
             raise ValueError("alphabet must be non-empty printable characters without whitespace")
 

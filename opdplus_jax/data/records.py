@@ -9,6 +9,7 @@ Every problem is reported as a `ValueError` that names the file (and line or row
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,12 +36,19 @@ def _validate(
         value = raw.get(name)
         if isinstance(value, bool):
             raise ValueError(f"{where}: field {name!r} must be a string, got {value!r}")
+        if name == "answer" and isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(
+                f"{where}: field {name!r} is {value!r}, not a finite number (JSON NaN / "
+                f"Infinity, or a number too large for a float); write the answer as a string"
+            )
         if name == "answer" and isinstance(value, int | float):
             value = str(value)
         if value is not None and not isinstance(value, str):
             raise ValueError(
                 f"{where}: field {name!r} must be a string, got {type(value).__name__} {value!r}"
             )
+        if isinstance(value, str):
+            _check_encodable(value, where, name)
         rec[name] = value
     for name in required:
         if rec.get(name) is None:
@@ -54,19 +62,54 @@ def _validate(
     return rec
 
 
+def _check_encodable(value: str, where: str, name: str) -> None:
+    """A string with a lone surrogate (JSON ``"\\ud800"``) cannot be encoded or tokenized."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{where}: field {name!r} has a lone surrogate {value[e.start]!r} at character "
+            f"{e.start} (half of a UTF-16 pair, e.g. an unpaired \\ud800 escape); it is not "
+            f"valid Unicode text, fix or remove it"
+        ) from None
+
+
+def _parse_line(raw: bytes, where: str) -> Any:
+    """One JSON line; every way it can fail is a ValueError that starts with `where`."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{where}: invalid UTF-8 (byte {raw[e.start]:#04x} at byte offset {e.start} of the "
+            f"line); save the file as UTF-8"
+        ) from None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{where}: malformed JSON ({e.msg} at column {e.colno}); each line "
+            f'must be one JSON object, e.g. {{"prompt": "What is 2 + 3?", "answer": "5"}}'
+        ) from None
+    except RecursionError:
+        raise ValueError(
+            f"{where}: JSON nested too deeply to parse (RecursionError); a record is one flat "
+            f"object of string fields"
+        ) from None
+    except ValueError as e:  # e.g. an integer longer than sys.get_int_max_str_digits()
+        raise ValueError(
+            f"{where}: cannot parse JSON ({e}); write very long numbers as strings, "
+            f'e.g. "answer": "123..."'
+        ) from None
+
+
 def _read_jsonl(path: str) -> list[tuple[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes, so invalid UTF-8 is reported with its line
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
-            try:
-                rows.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); each line "
-                    f'must be one JSON object, e.g. {{"prompt": "What is 2 + 3?", "answer": "5"}}'
-                ) from None
+            where = f"{path}:{lineno}"
+            rows.append((where, _parse_line(raw, where)))
     return rows
 
 
@@ -82,7 +125,19 @@ def _read_parquet(path: str) -> list[tuple[str, Any]]:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise ValueError(f"{path}: cannot read as Parquet ({type(e).__name__}: {e})") from None
-    return [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist())]
+    try:
+        rows = table.to_pylist()
+    except Exception:  # e.g. invalid UTF-8 in a string column: find the row and column
+        for i in range(table.num_rows):
+            for name in table.column_names:
+                try:
+                    table.column(name).slice(i, 1).to_pylist()
+                except Exception as e:
+                    raise ValueError(
+                        f"{path} row {i}: cannot read column {name!r} ({type(e).__name__}: {e})"
+                    ) from None
+        raise
+    return [(f"{path} row {i}", row) for i, row in enumerate(rows)]
 
 
 def load_records(

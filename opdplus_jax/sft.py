@@ -195,5 +195,5 @@ def save(model: nnx.Module, tokenizer: Tokenizer, folder: str | os.PathLike) -> 
     """Writes `model` and the tokenizer files into `folder`: a normal HF checkpoint folder."""
     folder = os.fspath(folder)
     models.save_pretrained(model, folder)
-    tokenizer.hf.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder

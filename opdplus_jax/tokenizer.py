@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,20 +29,44 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> Tokenizer:
-        """Load `folder`'s tokenizer; EOS ids from `generation_config.json` are added if present."""
+        """Load `folder`'s tokenizer; EOS ids from `generation_config.json` are added if present.
+
+        Code in the folder is never run (`trust_remote_code=False`, so transformers never asks
+        either): a tokenizer that only custom code can load raises `ValueError`.
+        """
         import transformers
 
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{folder}: tokenizer folder does not exist")
-        hf = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        extra: list[int] = []
-        gen = os.path.join(folder, "generation_config.json")
-        if os.path.isfile(gen):
-            with open(gen, encoding="utf-8") as f:
-                eos = json.load(f).get("eos_token_id")
-            extra = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        return cls(hf, extra)
+        try:
+            hf = transformers.AutoTokenizer.from_pretrained(
+                folder, local_files_only=True, trust_remote_code=False
+            )
+        except ValueError as e:
+            if "trust_remote_code" not in str(e):
+                raise
+            raise ValueError(
+                f"{folder}: this tokenizer needs custom code from the folder (auto_map in "
+                "tokenizer_config.json or config.json); opdplus_jax never runs code from a "
+                "checkpoint folder. Use a tokenizer that transformers supports natively"
+            ) from e
+        return cls(hf, generation_eos_ids(folder))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> str:
+        """Writes the tokenizer files into `folder` (created if needed) the way transformers
+        does, but each file is written in a fresh temporary folder and renamed into place: a
+        symlink in `folder` is replaced, never written through."""
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=folder)
+        try:
+            self.hf.save_pretrained(tmp)
+            for name in sorted(os.listdir(tmp)):
+                os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder
 
     @property
     def vocab_size(self) -> int:
@@ -125,6 +151,29 @@ class Tokenizer:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Pad ragged id lists to `length` (default: the longest): ids [B, L] int32, mask [B, L]."""
         return pad_sequences(sequences, self.pad_id, length=length, side=side)
+
+
+def generation_eos_ids(folder: str | os.PathLike) -> list[int]:
+    """The `eos_token_id`s of `folder/generation_config.json` ([] without the file or the key).
+    A file that is not a JSON object, or ids that are not non-negative ints, raise `ValueError`
+    naming the file."""
+    path = os.path.join(os.fspath(folder), "generation_config.json")
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(raw).__name__}")
+    eos = raw.get("eos_token_id")
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(
+            f"{path}: eos_token_id must be a token id or a list of token ids, got {eos!r}"
+        )
+    return ids
 
 
 def pad_sequences(

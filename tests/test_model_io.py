@@ -114,7 +114,7 @@ def test_sharded_export_round_trip(tmp_path):
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
     # Re-exporting into the same folder as a single file removes the stale index.
-    models.save_pretrained(again, tmp_path)
+    models.save_pretrained(again, tmp_path, overwrite_source=True)
     assert not os.path.exists(os.path.join(tmp_path, "model.safetensors.index.json"))
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any
 
@@ -27,6 +29,17 @@ _REQUIRED_KEYS = (
     "num_attention_heads",
     "rms_norm_eps",
 )
+# Sizes that must be positive integers when present (config.json key -> required).
+_SIZE_KEYS = {
+    "vocab_size": True,
+    "hidden_size": True,
+    "intermediate_size": True,
+    "num_hidden_layers": True,
+    "num_attention_heads": True,
+    "num_key_value_heads": False,
+    "head_dim": False,
+    "max_position_embeddings": False,
+}
 
 TokenIds = int | tuple[int, ...] | None
 
@@ -63,6 +76,9 @@ class ModelConfig:
     pad_token_id: TokenIds = None
     # The original config.json (as JSON text), re-emitted on export so that every key survives.
     hf_config_json: str = dataclasses.field(default="", compare=False, repr=False)
+    # The folder this config was read from (absolute; "" if built in code). `save_pretrained`
+    # refuses to export into it, so a trained model never overwrites the checkpoint it came from.
+    source_folder: str = dataclasses.field(default="", compare=False, repr=False)
 
     @property
     def family(self) -> ModelFamily:
@@ -128,6 +144,23 @@ class ModelConfig:
         }
         out.update(self.family.config_keys(self))
         return out
+
+
+def _positive_int(value: Any, key: str, where: str) -> int:
+    """`value` as an int if it is a positive integer (not a bool, float or string), else
+    `ValueError` naming `where` and `key`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        kind = f" (a JSON {type(value).__name__})" if isinstance(value, float | str) else ""
+        raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}{kind}")
+    return int(value)
+
+
+def _positive_float(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{where}: {key} must be a positive number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{where}: {key} must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 def _ids(value: Any) -> TokenIds:
@@ -202,9 +235,20 @@ def config_from_hf(hf: Any, where: str = "config") -> ModelConfig:
     layer_types = getattr(hf, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
         raise NotImplementedError(f"{where}: only full_attention layers are supported")
-    num_heads = int(hf.num_attention_heads)
-    num_kv_heads = int(getattr(hf, "num_key_value_heads", None) or num_heads)
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
+    sizes = {}
+    for key, required in _SIZE_KEYS.items():
+        value = getattr(hf, key, None)
+        if value is not None or required:
+            sizes[key] = _positive_int(value, key, where)
+    num_heads = sizes["num_attention_heads"]
+    num_kv_heads = sizes.get("num_key_value_heads", num_heads)
+    head_dim = sizes.get("head_dim") or sizes["hidden_size"] // num_heads
+    if head_dim < 1:
+        raise ValueError(
+            f"{where}: hidden_size={sizes['hidden_size']} is smaller than "
+            f"num_attention_heads={num_heads} (no head_dim given)"
+        )
+    rms_norm_eps = _positive_float(hf.rms_norm_eps, "rms_norm_eps", where)
     if num_heads % num_kv_heads:
         raise ValueError(
             f"{where}: num_attention_heads={num_heads} is not a multiple of {num_kv_heads=}"
@@ -213,18 +257,18 @@ def config_from_hf(hf: Any, where: str = "config") -> ModelConfig:
     hf_json = hf.to_json_string(use_diff=False) if hasattr(hf, "to_json_string") else ""
     return ModelConfig(
         model_type=model_type,
-        vocab_size=int(hf.vocab_size),
-        hidden_size=int(hf.hidden_size),
-        intermediate_size=int(hf.intermediate_size),
-        num_layers=int(hf.num_hidden_layers),
+        vocab_size=sizes["vocab_size"],
+        hidden_size=sizes["hidden_size"],
+        intermediate_size=sizes["intermediate_size"],
+        num_layers=sizes["num_hidden_layers"],
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
-        head_dim=int(head_dim),
-        rms_norm_eps=float(hf.rms_norm_eps),
+        head_dim=head_dim,
+        rms_norm_eps=rms_norm_eps,
         rope_theta=theta,
         rope_type=rope_type,
         rope_params=rope_params,
-        max_position_embeddings=int(getattr(hf, "max_position_embeddings", 32768)),
+        max_position_embeddings=sizes.get("max_position_embeddings", 32768),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         **family.switches(hf),
         bos_token_id=_ids(getattr(hf, "bos_token_id", None)),
@@ -234,10 +278,10 @@ def config_from_hf(hf: Any, where: str = "config") -> ModelConfig:
     )
 
 
-def load_config(folder: str | os.PathLike) -> ModelConfig:
-    """Read `folder/config.json` with `transformers.AutoConfig` (local files only)."""
-    import transformers  # heavy import, deferred
-
+def read_config_json(folder: str | os.PathLike) -> dict[str, Any]:
+    """`folder/config.json` as a dict, checked on the raw file (before `transformers` fills in
+    defaults): a JSON object with a supported `model_type`, the required keys, positive integer
+    sizes and a supported rope type. Errors name the file and the key."""
     path = os.path.join(os.fspath(folder), "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -246,8 +290,10 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type is None:
         raise ValueError(f"{path}: missing required config key 'model_type'")
@@ -256,6 +302,10 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
     missing = [k for k in _REQUIRED_KEYS if k not in raw]
     if missing:  # checked on the raw file: AutoConfig would silently fill in defaults
         raise ValueError(f"{path}: missing required config key(s) {missing}")
+    for key, required in _SIZE_KEYS.items():
+        if raw.get(key) is not None or required:
+            _positive_int(raw.get(key), key, path)
+    _positive_float(raw["rms_norm_eps"], "rms_norm_eps", path)
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     rope_type = (
         rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else None
@@ -264,11 +314,26 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
         raise NotImplementedError(
             f"{path}: rope_type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})"
         )
+    return raw
+
+
+def load_config(folder: str | os.PathLike) -> ModelConfig:
+    """Read `folder/config.json` with `transformers.AutoConfig` (local files only, never running
+    code from the folder), after the raw-file checks of `read_config_json`. The result records
+    the folder (`source_folder`)."""
+    import transformers  # heavy import, deferred
+
+    folder = os.fspath(folder)
+    path = os.path.join(folder, "config.json")
+    read_config_json(folder)
     try:
-        hf = transformers.AutoConfig.from_pretrained(os.fspath(folder), local_files_only=True)
+        hf = transformers.AutoConfig.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=False
+        )
     except Exception as e:
         raise ValueError(f"{path}: transformers cannot parse this config ({e})") from e
-    return config_from_hf(hf, where=path)
+    cfg = config_from_hf(hf, where=path)
+    return dataclasses.replace(cfg, source_folder=os.path.abspath(folder))
 
 
 class _Namespace:

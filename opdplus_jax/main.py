@@ -51,7 +51,9 @@ def split_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _run(mode: str) -> None:
-    logging.getLogger().setLevel(logging.INFO)
+    # The run's own progress at INFO; libraries (orbax, absl) only when something is wrong.
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("opdplus_jax").setLevel(logging.INFO)
     if _DISTRIBUTED.value:
         import jax
 
@@ -66,12 +68,16 @@ def _run(mode: str) -> None:
     workdir = _WORKDIR.value
     if mode in ("train", "export") and not workdir:
         raise app.UsageError(f"{mode} needs --workdir")
-    if mode == "train":
-        result = trainer.train_and_evaluate(config, workdir)
-    elif mode == "eval":
-        result = trainer.evaluate_checkpoint(config, workdir)
-    else:
-        result = {"export": trainer.export(config, workdir, _OUT.value or f"{workdir}/export")}
+    try:
+        if mode == "train":
+            result = trainer.train_and_evaluate(config, workdir)
+        elif mode == "eval":
+            result = trainer.evaluate_checkpoint(config, workdir)
+        else:
+            result = {"export": trainer.export(config, workdir, _OUT.value or f"{workdir}/export")}
+    except (trainer.CheckpointSaveError, trainer.NonFiniteError) as e:
+        # Expected failures of a run, fully explained by their message: no traceback.
+        raise SystemExit(f"error: {e}") from None
     print(json.dumps(result, indent=2, sort_keys=True))
 
 

@@ -18,7 +18,9 @@ stopped. A feature that is off is None in the config (`estimator.baseline`, `log
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import time
@@ -50,6 +52,48 @@ from opdplus_jax.rollout import Rollout, SamplingParams, StaticEngine
 from opdplus_jax.tokenizer import Tokenizer, check_compatible
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); earlier steps are intact."""
+
+
+def _chain(e: BaseException | None) -> list[BaseException]:
+    out = []
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _says_disk_full(e: BaseException) -> bool:
+    text = str(e)
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text
+
+
+@contextlib.contextmanager
+def _reporting_save_failures(manager: checkpoint.CheckpointManager):
+    """Turns a failed (possibly background) checkpoint write into a CheckpointSaveError that
+    names the folder, the cause and the step a restart resumes from."""
+    try:
+        yield
+    except NonFiniteError:
+        raise
+    except Exception as e:
+        cause = f"{type(e).__name__}: {e}".splitlines()[0][:400]
+        try:
+            latest = manager.latest_step()
+        except Exception:
+            latest = None
+        with contextlib.suppress(Exception):
+            manager.close()  # stop the background writer before reporting
+        resume = f"step {latest}" if latest is not None else "the start (no complete step)"
+        hint = " The disk is full." if any(map(_says_disk_full, _chain(e))) else ""
+        raise CheckpointSaveError(
+            f"writing a checkpoint in {manager.directory} failed ({cause}).{hint} Completed "
+            f"steps are intact: free space (or use another --workdir) and restart, which resumes "
+            f"from {resume}."
+        ) from None
 
 
 class NonFiniteError(RuntimeError):
@@ -138,6 +182,7 @@ def validate(config: config_dict.ConfigDict) -> None:
         estimators.BASELINES.get(est.baseline)  # an unknown name lists the valid ones
     if est.baseline == "loo" and config.rollout.num_samples < 2:
         raise ValueError("estimator.baseline='loo' needs rollout.num_samples >= 2")
+    _off_or_positive(config.train.verify_budget_seconds, "train.verify_budget_seconds")
     _off_or_positive(est.log_ratio_clip, "estimator.log_ratio_clip")
     _off_or_positive(config.loss.ppo_clip, "loss.ppo_clip")
     _off_or_positive(config.loss.tis_cap, "loss.tis_cap")
@@ -347,12 +392,16 @@ class Trainer:
     def rollout_rewards(
         self, prompts_batch: dict[str, Any], rollout: Rollout, stats: verifiers.VerifierStats
     ) -> dict[str, float]:
-        """Verifier accuracy of the training rollouts (logged, never used in the loss)."""
+        """Verifier accuracy of the training rollouts (logged, never used in the loss), within
+        `train.verify_budget_seconds` for the whole batch; {} with `train.verify_rollouts` off."""
+        if not self.config.train.verify_rollouts:
+            return {}
         n = self.config.rollout.num_samples
         texts = self.tokenizer.batch_decode(np.asarray(rollout.tokens), np.asarray(rollout.mask))
         cols = {k: prompts_batch[k] for k in ("answer", "task", "domain") if k in prompts_batch}
         rows = [{k: v[i // n] for k, v in cols.items()} for i in range(len(texts))]
-        scores, _ = verifiers.batch_verify(texts, rows, stats=stats)
+        budget = self.config.train.verify_budget_seconds
+        scores, _ = verifiers.batch_verify(texts, rows, stats=stats, time_budget_seconds=budget)
         return {"accuracy": float(np.mean(scores))}
 
     def teacher_logprobs(self, rollout: Rollout, teacher: int = 0) -> jax.Array:
@@ -463,7 +512,7 @@ class Trainer:
         nnx.update(self.student, params)
         models.save_pretrained(self.student, out_dir)
         faults.point("export")
-        self.tokenizer.hf.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
         return out_dir
 
     # ------------------------------------------------------------------------------ the loop
@@ -480,7 +529,7 @@ class Trainer:
             batch_size=config.data.batch_size,
             max_prompt_len=config.rollout.max_prompt_len,
             seed=config.seed,
-            teachers=self.teacher_names if len(self.teacher_names) > 1 else None,
+            teachers=self.teacher_names,  # a record naming another teacher is an error
             system_prompt=config.data.system_prompt,
         )
         examples, eval_prompts = self.eval_set()
@@ -500,7 +549,8 @@ class Trainer:
             logger.info("resumed from step %d", start)
         metrics.write_config(config, workdir)  # only once the run is known to start or resume
         writer = metrics.MetricWriter(workdir)
-        writer.truncate_after(start)
+        # Rows after the checkpoint are redone; without one, everything is (the step-0 eval too).
+        writer.truncate_after(start if found is not None else -1)
         timer, skips, last_eval = metrics.Timer(), 0, {}
         verifier_stats = verifiers.VerifierStats()
         bar = metrics.progress(config.train.num_steps, "train", initial=start)
@@ -558,14 +608,15 @@ class Trainer:
             if config.train.eval_every and done % config.train.eval_every == 0:
                 last_eval = run_eval(done)
             if done % config.train.checkpoint_every == 0 or done == config.train.num_steps:
-                self.save(
-                    ckpt,
-                    done,
-                    state,
-                    rng=key,
-                    data_state=pipeline.get_state(),
-                    force=done == config.train.num_steps,
-                )
+                with _reporting_save_failures(ckpt):
+                    self.save(
+                        ckpt,
+                        done,
+                        state,
+                        rng=key,
+                        data_state=pipeline.get_state(),
+                        force=done == config.train.num_steps,
+                    )
         bar.close()
         if start == config.train.num_steps:  # already complete: report its last evaluation
             logger.info("%s: the run is already complete at step %d", workdir, start)
@@ -574,7 +625,8 @@ class Trainer:
             last_eval.pop("step", None)
         elif config.train.eval_every == 0 or config.train.num_steps % config.train.eval_every:
             last_eval = run_eval(config.train.num_steps) or last_eval
-        ckpt.wait()
+        with _reporting_save_failures(ckpt):
+            ckpt.wait()
         if config.train.export_final:
             self.export(state.params, os.path.join(workdir, "export"))
         writer.close()

@@ -3,10 +3,8 @@
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import chex
 import jax
@@ -16,75 +14,27 @@ import optax
 import pytest
 
 from opdplus_jax import (
-    checkpoint,
     configs,
     main,
     metrics,
     models,
     optim,
     sharding,
-    tasks,
     train_step,
     trainer,
 )
 from opdplus_jax.configs import default as default_config
 from opdplus_jax.rollout import Rollout
-from opdplus_jax.tasks import tokenizer as task_tokenizer
-
-VOCAB = 112  # >= the task tokenizer's 104 ids (the rest is embedding padding)
-
-
-def _model_config(**kw):
-    base = {"vocab_size": VOCAB, "hidden_size": 32, "num_layers": 2, "num_heads": 2}
-    base.update({"num_kv_heads": 1, **kw})
-    return models.qwen3_config(bos_token_id=2, eos_token_id=3, pad_token_id=0, **base)
+from tests import tiny_run
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("opd")
-    task_tokenizer.save_tokenizer(root / "tokenizer")
-    # The teacher is the student's network with a 2x sharper output layer: a target the student
-    # can reach, so a few steps must close most of the gap. teacher2 is an unrelated network.
-    models.random_checkpoint(root / "student", _model_config(), seed=0, output_scale=10.0)
-    models.random_checkpoint(root / "teacher", _model_config(), seed=0, output_scale=20.0)
-    models.random_checkpoint(root / "teacher2", _model_config(), seed=2, output_scale=20.0)
-    task = tasks.get("reverse", max_len=4)
-    tasks.write_jsonl(task.generate("train", 64, seed=0), root / "train.jsonl")
-    tasks.write_jsonl(task.generate("test", 8, seed=0), root / "test.jsonl")
-    return root
+    return tiny_run.build_assets(tmp_path_factory.mktemp("opd"))
 
 
-def _config(assets, **overrides):
-    c = default_config.get_config("cpu").unlock()
-    c.student.path = str(assets / "student")
-    c.tokenizer_path = str(assets / "tokenizer")
-    c.teachers.default.path = str(assets / "teacher")
-    c.data.train_path = str(assets / "train.jsonl")
-    c.data.eval_path = str(assets / "test.jsonl")
-    c.data.batch_size = 4
-    c.rollout.num_samples = 2
-    c.rollout.max_new_tokens = 8
-    c.rollout.max_prompt_len = 32
-    c.optimizer.learning_rate = 1e-2
-    c.optimizer.schedule = "constant"
-    c.train.num_steps = 4
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 2
-    c.train.export_final = False
-    c.eval.num_prompts = 8
-    c.eval.num_samples = 2
-    c.eval.temperature = 1.0  # KL(student || teacher) needs the student's own samples
-    c.eval.max_new_tokens = 8
-    c.eval.batch_size = 16
-    for key, value in overrides.items():
-        node = c
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    c.lock()
-    return c
+_config = tiny_run.config
+_model_config = tiny_run.model_config
 
 
 def _one_device():
@@ -140,54 +90,6 @@ def test_resume_gives_identical_parameters(assets, tmp_path):
         assert json.load(f)["train"]["num_steps"] == 4
     with open(tmp_path / "b" / "config.1.json") as f:
         assert json.load(f)["train"]["num_steps"] == 2
-
-
-@pytest.mark.slow
-def test_sigkill_during_training_resumes_without_loss(assets, tmp_path):
-    """Kill the training process mid-run (during or between checkpoint saves), restart it, and
-    check that it finishes with every step logged exactly once and a complete last checkpoint."""
-    workdir = tmp_path / "run"
-    args = [
-        sys.executable,
-        "-m",
-        "opdplus_jax.main",
-        "train",
-        "--config=configs/default.py:cpu",
-        f"--workdir={workdir}",
-        f"--config.student.path={assets / 'student'}",
-        f"--config.tokenizer_path={assets / 'tokenizer'}",
-        f"--config.teachers.default.path={assets / 'teacher'}",
-        f"--config.data.train_path={assets / 'train.jsonl'}",
-        "--config.data.eval_path=",
-        "--config.data.batch_size=4",
-        "--config.rollout.num_samples=2",
-        "--config.rollout.max_new_tokens=8",
-        "--config.rollout.max_prompt_len=32",
-        "--config.train.num_steps=6",
-        "--config.train.checkpoint_every=1",
-        "--config.train.eval_every=0",
-        "--config.train.export_final=False",
-        "--config.mesh.fsdp=1",
-    ]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL)
-    ckpts = workdir / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpts.is_dir() and any(p.name.startswith("3") for p in ckpts.iterdir()):
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    steps = [
-        r["step"] for r in metrics.read_jsonl(workdir / "metrics.jsonl") if r["split"] == "train"
-    ]
-    assert steps == [1, 2, 3, 4, 5, 6]
-    mgr = checkpoint.CheckpointManager(ckpts)
-    assert mgr.latest_step() == 6
 
 
 def _rollout(run, seed=0):
@@ -267,7 +169,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(assets, tmp_path):
     models.random_checkpoint(broken, _model_config(), seed=1)
     model = models.from_pretrained(broken)
     model.embed_tokens.set_value(model.embed_tokens[...] * jnp.nan)
-    models.save_pretrained(model, broken)
+    models.save_pretrained(model, broken, overwrite_source=True)
     config = _config(
         assets, **{"teachers.default.path": str(broken), "train.max_consecutive_skips": 2}
     )
@@ -305,6 +207,37 @@ def test_bad_data_and_vocabulary_mismatch(assets, tmp_path):
     models.random_checkpoint(small, _model_config(vocab_size=64), seed=3)
     with pytest.raises(ValueError, match="64"):
         _train(_config(assets, **{"teachers.default.path": str(small)}), tmp_path)
+
+
+def test_a_restart_before_the_first_checkpoint_logs_step_0_once(assets, tmp_path):
+    # What a run killed after its step-0 evaluation and first train row, before any checkpoint,
+    # leaves behind.
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"step": 0, "split": "eval", "accuracy": 0.5}) + "\n"
+        + json.dumps({"step": 1, "split": "train", "loss": 1.0}) + "\n"
+    )  # fmt: skip
+    _train(_config(assets, **{"train.num_steps": 1}), tmp_path)
+    rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["split"], r["step"]) for r in rows] == [("eval", 0), ("train", 1), ("eval", 1)]
+    assert rows[1]["loss"] != 1.0
+
+
+def test_rollout_verification_is_optional_and_bounded(assets, tmp_path):
+    off = _config(assets, **{"train.num_steps": 1, "train.verify_rollouts": False})
+    _train(off, tmp_path / "off")
+    (row,) = metrics.read_jsonl(tmp_path / "off" / "metrics.jsonl", split="train")
+    assert "accuracy" not in row and row["verifier/calls"] == 0
+    with pytest.raises(ValueError, match=r"train\.verify_budget_seconds must be None"):
+        trainer.validate(_config(assets, **{"train.verify_budget_seconds": 0.0}))
+
+
+def test_a_record_naming_an_unknown_teacher_is_an_error(assets, tmp_path):
+    rows = [json.loads(line) for line in (assets / "train.jsonl").read_text().splitlines()]
+    rows[3]["teacher"] = "nope"  # the run's only teacher is "default"
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="unknown teacher 'nope'; valid teachers: default"):
+        _train(_config(assets, **{"data.train_path": str(path)}), tmp_path / "run")
 
 
 def test_cli_rejects_a_misspelt_config_field_with_a_suggestion(tmp_path):

@@ -108,6 +108,11 @@ def _base() -> config_dict.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.max_consecutive_skips = 5  # non-finite loss/grad steps in a row before stopping
     c.train.export_final = True  # write an HF folder of the student at the end
+    # Verifier accuracy of the training rollouts: a logged metric only (never in the loss), so
+    # bounded: all of a step's rollouts get at most this many seconds (None = no bound; the
+    # rest score 0 and count as verifier/skipped). False skips it.
+    c.train.verify_rollouts = True
+    c.train.verify_budget_seconds = config_dict.FieldReference(10.0, field_type=float)
 
     # Evaluation (held-out prompts: accuracy, pass@k, student-teacher KL per token).
     c.eval = config_dict.ConfigDict()

@@ -2,7 +2,7 @@
 
     python -m experiments.levels [--quick] [--seeds 3] [--out DIR] [--cache_dir DIR]
 
-The valid combinations (DESIGN.md): token level with γ = 0 (myopic, common practice) or γ = 1
+The valid combinations (docs/math.md §2): token level with γ = 0 (myopic, common practice) or γ = 1
 (unbiased for J_tok = E[Σ_t f(u_t)]), and sequence level (every token gets w_f(Π_t u_t); γ does
 not enter). Each for reverse KL and JSD, with the OPD+ correction, λ = 1, the demo's base and
 teacher. Writes experiments/results/levels/.

@@ -99,7 +99,7 @@ def norm(x):
 # The "stop-grad cos" column is the cosine between E[ĝ_sg] and the target. For α-divergences
 # in this gauge, stop-grad estimates exactly (1/α) ∇D_α (docs/math.md §1.4): α = ½ gives relative
 # bias 1 with cosine 1, i.e. the right direction at twice the scale. A negative cosine means
-# that a small stop-grad step *increases* the divergence: stop-grad follows ∇D_G (docs/math.md §1.5),
+# that a small stop-grad step *increases* the divergence: stop-grad follows ∇D_G (math §1.5),
 # and D_G is not the divergence (for standardized generators it is unbounded below, and its
 # descent collapses π).
 
@@ -168,13 +168,13 @@ assert worst_plus < 1e-9
 #
 # The teacher is the student plus `teacher_distance` × N(0, 1) logit noise; we sweep the
 # distance at the token level with γ = 0 (the common per-token practice). OPD+ stays at
-# round-off for every distance (docs/math.md §2.3). Stop-grad does not become unbiased as the teacher
+# round-off for every distance (math §2.3). Stop-grad does not become unbiased as the teacher
 # approaches the student.
 #
 # **The limit d → 0.** Near u = 1, f(u) ≈ f'(1)(u − 1) + ½ f''(1)(u − 1)², and E_π[u − 1] = 0.
 # So J ≈ ½ f''(1) E_π[(u − 1)²], and its gradient is first order in q − π:
 # ∇J ≈ f''(1) ∇KL(q‖π). The stop-grad expectation E[f(u) s] is also first order, but it comes
-# from the *linear* term: f'(1) E_π[(u − 1) s] = −f'(1) ∇KL(q‖π), the gauge shift of docs/math.md §1.4.
+# from the *linear* term: f'(1) E_π[(u − 1) s] = −f'(1) ∇KL(q‖π), the gauge shift of math §1.4.
 # Hence E[ĝ_sg] → −(f'(1)/f''(1)) ∇J, and the relative bias tends to |1 + f'(1)/f''(1)|:
 #
 # * 0 for reverse KL (f = −log u);
@@ -255,7 +255,7 @@ save(fig, "distance_bias.png")
 # ## 3. Horizon: sequence vs token level
 #
 # For T ∈ {1, 2, 3, 4} (V = 3, a fresh random problem per T) we compare the OPD+ estimators at
-# sequence level (every token gets w_f(Π_t u_t); docs/math.md §2.3) and at token level with γ = 1 and
+# sequence level (every token gets w_f(Π_t u_t); math §2.3) and at token level with γ = 1 and
 # γ = 0 (§2.3). At T = 1 the three coincide. As T grows, the sequence-level weight depends on
 # the whole log-ratio L = Σ_t ℓ_t, which grows like T (rule N4), while the token-level weights
 # only see one token plus a sum of bounded per-token rewards. "rel. variance" divides the
@@ -501,7 +501,7 @@ save(fig, "topk.png")
 # ## 6. G-OPD / ExOPD: reward scale λ
 #
 # With a reference r, the target becomes the unnormalised ν_λ = q^λ r^(1−λ), i.e.
-# log u_t = λ log q + (1 − λ) log r − log π (docs/math.md §3). λ = 1 is plain OPD, λ > 1 extrapolates
+# log u_t = λ log q + (1 − λ) log r − log π (math §3). λ = 1 is plain OPD, λ > 1 extrapolates
 # (ExOPD uses 1.25). OPD+ needs no normalisation of ν. It is unbiased for ∇D(π ‖ ν_λ) at
 # sequence level (docs/math.md §3.3) and for G_γ of the per-context D(π(·|c) ‖ ν_λ(·|c)) at token
 # level (G2), for every λ. Reverse-KL stop-grad at γ = 0 is the G-OPD paper's own estimator.

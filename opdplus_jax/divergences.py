@@ -19,7 +19,8 @@ caps the exponent at ``log(finfo(dtype).max) - 16`` (about 72.7 in float32, 693.
 Below the cap the value is exact; above it the value saturates at a large finite number (about
 3.8e31 in float32), so that a sum over 2^16 saturated tokens is still finite. No output is inf or
 NaN for |log u| <= 1e6 (tested for every registered divergence); past that, far beyond any
-log-ratio two language models produce, a product such as u log u can overflow float32. Inputs in a dtype narrower than float32 (bf16) are upcast to float32.
+log-ratio two language models produce, a product such as u log u can overflow float32. Inputs
+in a dtype narrower than float32 (bf16) are upcast to float32.
 
 Divergence classes are registered by name in `REGISTRY` (class decorator `register`); `get(name,
 **params)` builds one, so a newly registered class is usable by name everywhere.

@@ -19,12 +19,12 @@ ascended: the loss surrogate is -sum_t sg(A_t) log pi(y_t | c_t) (see `opdplus_j
   for the sequence-level divergence.
 
 Stop-gradient is unbiased only for reverse KL; the bias of every option is derived in
-shared/MATH.md and computed exactly by `opdplus_jax.analysis`. Masked positions never
+docs/math.md and computed exactly by `opdplus_jax.analysis`. Masked positions never
 contribute: their log-ratios are zeroed before any arithmetic (a -inf or NaN teacher log-prob on
 padding cannot leak), and their advantages are exactly 0.
 
 Optional ``log_ratio_clip=c`` clamps each log u_t to [-c, c] (None, the default, is off; biased,
-see shared/MATH.md N5); `estimate` reports the fraction of response tokens it changed.
+see docs/math.md §5.2 and §6.5); `estimate` reports the fraction of response tokens it changed.
 
 Corrections (a = w_f or -f) and group baselines are looked up by name in the registries
 `CORRECTIONS` and `BASELINES`; registering a new entry makes it usable by name everywhere.
@@ -263,7 +263,8 @@ def advantages(
 
     Args:
       student_logp, teacher_logp: [B, T] log-probs of the sampled tokens under the learner and the
-        teacher. Compute both with the learner-side forward, not the rollout engine (MATH 5.2).
+        teacher. Compute both with the learner-side forward, not the rollout engine
+        (docs/math.md §5.5).
       mask: [B, T], 1 on response tokens (through EOS), 0 elsewhere.
       **config: the keyword arguments of `estimate`, with its defaults:
         divergence: a registered name (`opdplus_jax.divergences.names()`) or a Divergence object.
@@ -285,7 +286,7 @@ def advantages(
 def leave_one_out(adv: jax.Array, fm: jax.Array, eps: float) -> jax.Array:
     """b_{i,t} = mean of A_{j,t} over the other samples j != i of the group still active at t.
 
-    It depends only on other, independent samples, so it is unbiased (shared/MATH.md 5.1).
+    It depends only on other, independent samples, so it is unbiased (docs/math.md §4.2).
     """
     del eps
     if adv.shape[1] < 2:
@@ -297,7 +298,8 @@ def leave_one_out(adv: jax.Array, fm: jax.Array, eps: float) -> jax.Array:
 
 @BASELINES.register("mean")
 def group_mean(adv: jax.Array, fm: jax.Array, eps: float) -> jax.Array:
-    """b = the group mean at t, the sample itself included: (n-1)/n times "loo"."""
+    """b = the group mean at t, the sample itself included: k_t/(k_t+1) times "loo" at each
+    position, k_t = the other samples still active at t; (n-1)/n only with equal lengths."""
     del eps
     total, count = adv.sum(axis=1, keepdims=True), fm.sum(axis=1, keepdims=True)
     return adv - total / jnp.maximum(count, 1.0)
@@ -327,9 +329,11 @@ def group_baseline(
 
     - "loo": b_{i,t} = mean of A_{j,t} over the other samples j != i of the group that are still
       active at t (0 if none). It depends only on other, independent samples, so it is unbiased
-      (shared/MATH.md 5.1).
-    - "mean": b includes the sample itself; this equals (n-1)/n times "loo", so it estimates
-      (n-1)/n times the gradient (unbiased up to that scale).
+      (docs/math.md §4.2).
+    - "mean": b includes the sample itself; at position t this equals k_t/(k_t+1) times "loo"
+      (k_t = the other samples still active at t). With equal lengths that is (n-1)/n, a pure
+      rescale of the gradient; with unequal lengths the factor varies with t, so the direction
+      is biased too (docs/math.md §4.2).
     - "mean_std": "mean", then divided by the group std (GRPO-style). BIASED: it changes the
       direction, not only the scale; offered for comparison.
     """

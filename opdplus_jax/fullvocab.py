@@ -1,6 +1,6 @@
 """Full-vocabulary (analytic) OPD: the exact per-context divergence at every visited context.
 
-Instead of scoring only the sampled token, estimator C_gamma of shared/MATH.md 2.3(c) computes
+Instead of scoring only the sampled token, estimator C_gamma of docs/math.md §2.5 computes
 at each response position t the whole-vocabulary divergence
 
     D_t = D_f(pi(. | c_t) || nu(. | c_t)) = sum_v pi_v f(nu_v / pi_v),

@@ -3,7 +3,7 @@
 The surrogate of a batch is built from per-token terms l_t = -sg(A_t) log pi(y_t | c_t) on
 response tokens; its gradient is the score-function estimator of the objective the advantages
 were built for. How the terms are summed matters for bias with variable-length responses
-(shared/MATH.md 5.2). With B rows, T = the padded length (or `max_len`) and |y_b| the response
+(docs/math.md §5.1). With B rows, T = the padded length (or `max_len`) and |y_b| the response
 length of row b:
 
 | aggregation               | loss                               | unbiased for           |
@@ -107,7 +107,7 @@ def pg_loss_and_stats(
     w_t = min(pi_old / mu, C) is the truncated importance weight (TIS) between the learner and
     the behaviour policy mu that sampled the tokens (`behaviour_logp`, e.g. the sampler's
     `sampling_logprobs`; C = `tis_cap`, None = no truncation), and 1 without `behaviour_logp`.
-    At r = 1 the PPO gradient equals the unclipped one (shared/MATH.md 5.2); TIS is biased iff
+    At r = 1 the PPO gradient equals the unclipped one (docs/math.md §5.4); TIS is biased iff
     some weight exceeds C (5.3). Advantages and weights are constants (stop-gradient).
     """
     if ppo_clip is not None and not ppo_clip > 0:

@@ -162,7 +162,7 @@ def test_stop_grad_bias_is_the_dropped_pathwise_term(problem, name, params, leve
 
 @pytest.mark.parametrize("alpha", [-1.0, -0.5, 0.3, 0.5, 2.0, 3.0])
 def test_stop_grad_alpha_estimates_grad_over_alpha(problem, alpha):
-    """In the registered gauge, stop-gradient is exactly (1/alpha) grad D_alpha (docs/math.md §1.4)."""
+    """In the registered gauge, stop-gradient is exactly (1/alpha) grad D_alpha (math §1.4)."""
     d = dv.get("alpha", alpha=alpha)
     mean = analysis.moments(problem, analysis.Estimator(d, "stop_grad", "sequence")).mean
     grad = jax.grad(lambda th: analysis.sequence_objective(problem, d, student=th))(problem.student)
@@ -221,7 +221,7 @@ def _soft_bellman_optimum(problem, lam):
 @pytest.mark.parametrize("lam", [0.5, 1.25, 2.0])
 def test_gopd_fixed_points(problem, lam):
     """Sequence level (any strictly convex f) and KL with discount 1 reach pi* = nu / Z; discount 0
-    stops at the locally normalised softmax(lam log q + (1-lam) log r) instead (docs/math.md §3.3)."""
+    stops at the locally normalised softmax(lam log q + (1-lam) log r) instead (math §3.3)."""
     star = problem.with_student(_soft_bellman_optimum(problem, lam))
     z = jnp.exp(analysis.sequence_logprobs(star.space, star.student))
     assert float(z.sum()) == pytest.approx(1.0, rel=1e-12)
@@ -240,7 +240,7 @@ def test_gopd_fixed_points(problem, lam):
     assert norm(myopic, problem.with_student(local)) < 1e-10
 
 
-# ------------------------------------------------------- options that are biased, exactly (math §4-§5)
+# ------------------------------------------------ options that are biased, exactly (math §4-§5)
 
 
 @pytest.mark.parametrize("name", ["reverse_kl", "jsd", "tv"])
@@ -319,7 +319,7 @@ def test_group_baselines(problem):
 
 
 def test_token_importance_sampling_and_its_truncation_bias(x64):
-    """Off-policy rollouts from mu (docs/math.md §5.3). Token-only IS gives the per-context gradients
+    """Off-policy rollouts from mu (math §5.3). Token-only IS gives the per-context gradients
     under mu's context distribution; truncating the ratio at C subtracts exactly
     E_mu[sum_t (rho_t - C)_+ W_t s_t]; no IS at all is further off."""
     problem = analysis.Problem.random(3, vocab_size=3, horizon=3, behaviour_distance=1.0)

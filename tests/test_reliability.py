@@ -112,6 +112,7 @@ def test_sigkill_at_24_moments_loses_nothing(assets, reference, tmp_path):
         assert rc in (-9, 0), (item, log[-3000:])
         outcomes.append((item, rc))
     killed = sum(rc == -9 for _, rc in outcomes)
+    print(f"\nsigkill: {killed} of {len(outcomes)} processes killed: {outcomes}")
     assert killed >= 20 and outcomes[-1] == ("export:1", -9), outcomes
     rc, log = _finish(_run(assets, workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     assert rc == 0, log[-3000:]
@@ -142,6 +143,8 @@ def test_an_evaluator_beside_the_trainer_never_disturbs_it(assets, reference, tm
         # Before the first checkpoint is finalised the evaluator may find none: said plainly.
         assert erc == 0 or "no complete checkpoint" in elog, elog[-3000:]
     assert any(erc == 0 for erc, _ in evals)
+    ok = sum(erc == 0 for erc, _ in evals)
+    print(f"\nevaluator: {len(evals)} evaluations beside the trainer, {ok} found a checkpoint")
     assert _export(workdir) == _export(ref_dir)
     assert _steps(workdir, "train") == list(range(1, STEPS + 1))
     assert not list((workdir / "checkpoints").glob("*orbax-checkpoint-tmp*"))
@@ -166,6 +169,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_step(assets, reference, tm
         assert rc != 0, "the run did not fill the disk"
         assert "error: writing a checkpoint in" in log and "The disk is full." in log, log[-3000:]
         assert "restart, which resumes from step" in log, log[-3000:]
+        print("\nfull disk:", next(x for x in log.splitlines() if x.startswith("error: ")))
         manager = checkpoint.CheckpointManager(workdir / "checkpoints", read_only=True)
         latest = manager.latest_step()
         assert latest is not None and latest >= 1

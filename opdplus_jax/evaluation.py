@@ -1,13 +1,18 @@
 """Held-out evaluation: accuracy and pass@k with the verifiers, and student-teacher KL.
 
 `evaluate_policy` samples `num_samples` responses per problem through a rollout engine (greedy
-when its temperature is 0), scores them with `opdplus_jax.verifiers`, and optionally scores the same
-responses with a teacher to report the per-token KL(student || teacher) on the student's own
-samples (the k1 estimate, mean over response tokens of log pi - log q).
+when its temperature is 0) and scores them with `opdplus_jax.verifiers`. With a teacher scorer it
+also reports `kl_per_token`, the k1 estimate of KL(student || teacher) per token (mean over
+response tokens of log pi - log q), which estimates a KL only on samples of the student itself:
+temperature 1 without truncation. When the engine samples that way the same responses serve both;
+otherwise (greedy or tempered/truncated evaluation) a second, temperature-1 untruncated pass over
+the same rows (same keys) is drawn for the KL alone. Each row is scored by its own teacher (the
+example's `teacher` index, as in training), and `kl_per_token/<name>` reports each teacher's rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,8 +21,27 @@ import jax
 import numpy as np
 
 from opdplus_jax import verifiers
-from opdplus_jax.rollout import Rollout, RolloutEngine
+from opdplus_jax.rollout import Rollout, RolloutEngine, SamplingParams, StaticEngine
 from opdplus_jax.tokenizer import Tokenizer
+
+
+def samples_the_policy(sampling: SamplingParams) -> bool:
+    """Whether `sampling` draws from the policy itself (temperature 1, no top-p/top-k)."""
+    return sampling.temperature == 1.0 and sampling.top_p >= 1.0 and sampling.top_k == 0
+
+
+def policy_engine(engine: RolloutEngine) -> RolloutEngine:
+    """`engine` if it samples the policy itself, else a `StaticEngine` of the same architecture
+    and length that samples at temperature 1 without truncation (what a KL estimate needs)."""
+    if samples_the_policy(engine.sampling):
+        return engine
+    if not isinstance(engine, StaticEngine):
+        raise ValueError(
+            f"{type(engine).__name__} does not sample at temperature 1 without truncation: pass "
+            "kl_engine=, an engine of the same policy that does, for kl_per_token"
+        )
+    sampling = dataclasses.replace(engine.sampling, temperature=1.0, top_p=1.0, top_k=0)
+    return StaticEngine(engine.graphdef, sampling, mesh=engine.mesh)
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -38,39 +62,61 @@ def evaluate_policy(
     batch_size: int = 32,
     rng: jax.Array | None = None,
     teacher_logprobs: Callable[[Rollout], Any] | None = None,
+    teacher_names: Sequence[str] | None = None,
+    kl_engine: RolloutEngine | None = None,
     progress: Callable[[int], Any] | None = None,
 ) -> dict[str, float]:
-    """Accuracy, pass@k (k = 1, 2, 4, ... <= num_samples), response length, KL to a teacher.
+    """Accuracy, pass@k (k = 1, 2, 4, ... <= num_samples), response length, KL to the teachers.
 
     Args:
       engine: samples the responses (its `SamplingParams`: temperature 0 = greedy, length).
       params: the policy's weights, as the engine takes them.
-      examples: one dict per problem with at least `answer` (and `task`/`domain` for dispatch).
+      examples: one dict per problem with at least `answer` (and `task`/`domain` for dispatch),
+        and optionally `teacher`, the index of the teacher that scores its rows (default 0).
       prompts: the chat-templated prompt token ids of each problem.
       batch_size: rows per engine call; the last call is padded to it so one compilation serves
         every call.
-      rng: required when the engine samples (temperature > 0); call k uses fold_in(rng, k's
-        first row).
-      teacher_logprobs: optional callable (rollout) -> [B, T] teacher log-probs of the sampled
-        tokens; enables `kl_per_token`, a k1 estimate that is a KL only on samples of the
-        policy itself (temperature 1, no truncation).
+      rng: required when the engine samples (temperature > 0) or a KL is asked for; call k uses
+        fold_in(rng, k's first row).
+      teacher_logprobs: optional callable (rollout) -> [B, T] log-probs of the sampled tokens,
+        row b under teacher `rollout.teacher[b]`; enables `kl_per_token`: the k1 estimate of
+        KL(policy || teacher) per token on temperature-1, untruncated samples of the policy. Those
+        are the evaluation's own samples when `engine` samples that way; otherwise a second pass
+        (`kl_engine`, same keys) draws them for the KL alone.
+      teacher_names: names of the teacher indices; adds `kl_per_token/<name>` (the KL over the
+        rows of that teacher) for every teacher that has rows.
+      kl_engine: the temperature-1, untruncated engine of the KL pass; default
+        `policy_engine(engine)` (`engine` itself when it already samples that way).
       progress: optional callable(n) advanced by the number of problems done.
     """
     if len(examples) != len(prompts):
         raise ValueError(f"{len(examples)} examples but {len(prompts)} prompts")
     if engine.sampling.temperature > 0 and rng is None:
         raise ValueError("rng is required when temperature > 0")
+    if teacher_logprobs is not None:
+        if rng is None:
+            raise ValueError("rng is required for kl_per_token (temperature-1 samples)")
+        kl_engine = policy_engine(engine) if kl_engine is None else kl_engine
+        if not samples_the_policy(kl_engine.sampling):
+            raise ValueError("kl_engine must sample at temperature 1 without top-p/top-k")
+    teacher_of = [int(ex.get("teacher", 0) or 0) for ex in examples]
+    num_teachers = max(teacher_of, default=0) + 1
+    if teacher_names is not None:
+        num_teachers = max(num_teachers, len(teacher_names))
     correct = np.zeros((len(examples), num_samples), np.float32)
     stats = verifiers.VerifierStats()
-    lengths, kl_sum, kl_count = [], 0.0, 0.0
+    lengths = []
+    kl_sum, kl_count = np.zeros(num_teachers), np.zeros(num_teachers)
     rows = [(i, s) for i in range(len(examples)) for s in range(num_samples)]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         batch_prompts = [list(prompts[i]) for i, _ in chunk]
+        teacher = np.array([teacher_of[i] for i, _ in chunk], np.int32)
         pad = batch_size - len(chunk)  # pad to a fixed batch so one compilation serves all
         batch_prompts += [batch_prompts[-1]] * pad
+        teacher = np.concatenate([teacher, np.full(pad, teacher[-1], np.int32)])
         key = None if rng is None else jax.random.fold_in(rng, start)
-        rollout = engine.generate(params, batch_prompts, rng=key)
+        rollout = engine.generate(params, batch_prompts, rng=key, teacher=teacher)
         tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
         texts = tokenizer.batch_decode(
             [t[m > 0].tolist() for t, m in zip(tokens, mask, strict=True)]
@@ -82,11 +128,14 @@ def evaluate_policy(
             correct[i, s] = score
         lengths.extend(mask[: len(chunk)].sum(-1).tolist())
         if teacher_logprobs is not None:
-            lt = np.asarray(teacher_logprobs(rollout))[: len(chunk)]
-            ls = np.asarray(rollout.policy_logp)[: len(chunk)]
-            m = mask[: len(chunk)]
-            kl_sum += float(((ls - lt) * m).sum())
-            kl_count += float(m.sum())
+            if kl_engine is not engine:  # the KL's own temperature-1 samples of the same rows
+                rollout = kl_engine.generate(params, batch_prompts, rng=key, teacher=teacher)
+            n = len(chunk)
+            lt = np.asarray(teacher_logprobs(rollout), np.float64)[:n]
+            ls = np.asarray(rollout.policy_logp, np.float64)[:n]
+            m = np.asarray(rollout.mask, np.float64)[:n]
+            np.add.at(kl_sum, teacher[:n], ((ls - lt) * m).sum(-1))
+            np.add.at(kl_count, teacher[:n], m.sum(-1))
         if progress is not None:
             progress(len({i for i, _ in chunk}))
     out = {
@@ -101,5 +150,8 @@ def evaluate_policy(
         out[f"pass@{k}"] = float(np.mean([pass_at_k(num_samples, int(ci), k) for ci in c]))
         k *= 2
     if teacher_logprobs is not None:
-        out["kl_per_token"] = kl_sum / max(kl_count, 1.0)
+        out["kl_per_token"] = float(kl_sum.sum() / max(kl_count.sum(), 1.0))
+        for t, name in enumerate(teacher_names or ()):
+            if t in teacher_of:
+                out[f"kl_per_token/{name}"] = float(kl_sum[t] / max(kl_count[t], 1.0))
     return out

@@ -186,6 +186,23 @@ def validate(config: config_dict.ConfigDict) -> None:
     _off_or_positive(est.log_ratio_clip, "estimator.log_ratio_clip")
     _off_or_positive(config.loss.ppo_clip, "loss.ppo_clip")
     _off_or_positive(config.loss.tis_cap, "loss.tis_cap")
+    off_policy = [
+        f"rollout.{name}={value!r}"
+        for name, value, on_policy in (
+            ("temperature", r.temperature, float(r.temperature) == 1.0),
+            ("top_p", r.top_p, float(r.top_p) >= 1.0),
+            ("top_k", r.top_k, int(r.top_k) == 0),
+        )
+        if not on_policy
+    ]
+    if off_policy and config.loss.tis_cap is None:
+        raise ValueError(
+            f"{', '.join(off_policy)} samples the rollouts from another distribution than the "
+            "student, and the estimators are unbiased only on the student's own samples: set "
+            "loss.tis_cap, e.g. 2.0, to correct with truncated importance sampling, or sample at "
+            "temperature 1 without truncation (rollout.temperature=1, rollout.top_p=1, "
+            "rollout.top_k=0)"
+        )
     if not config.teachers:
         raise ValueError("config.teachers is empty: add at least one teacher")
     for name, t in config.teachers.items():
@@ -208,8 +225,10 @@ def validate(config: config_dict.ConfigDict) -> None:
 
 
 def eval_set(config, tokenizer: Tokenizer) -> tuple[list[dict], list[list[int]]]:
-    """The first `eval.num_prompts` held-out examples (answer, task, domain) and their prompt
-    token ids, in file order; empty without `data.eval_path`."""
+    """The first `eval.num_prompts` held-out examples (answer, task, domain, `teacher`: the
+    index in config.teachers of the record's teacher, 0 when it names none, and `teacher_name`)
+    and their prompt token ids, in file order; empty without `data.eval_path`. A record naming
+    a teacher the config lacks is an error, as in training."""
     if not config.data.eval_path:
         return [], []
     pipe = data.PromptPipeline(
@@ -220,15 +239,37 @@ def eval_set(config, tokenizer: Tokenizer) -> tuple[list[dict], list[list[int]]]
         shuffle=False,
         num_epochs=1,
         drop_remainder=False,
+        teachers=list(config.teachers.keys()),
         system_prompt=config.data.system_prompt,
     )
     examples, prompts = [], []
     for batch in pipe:
-        examples.append({k: batch[k][0] for k in ("answer", "task", "domain")})
+        examples.append({k: batch[k][0] for k in ("answer", "task", "domain", "teacher_name")})
+        examples[-1]["teacher"] = int(batch["teacher"][0])
         prompts.append(batch["prompt_tokens"][0])
         if len(examples) >= config.eval.num_prompts:
             break
     return examples, prompts
+
+
+def _folder_tokenizer(path: str, default: Tokenizer) -> Tokenizer:
+    """The tokenizer saved in a checkpoint folder, or `default` when the folder has none."""
+    has_tokenizer = any(
+        os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+    )
+    return Tokenizer.from_pretrained(path) if has_tokenizer else default
+
+
+def _check_scores_like_student(what: str, path: str, tokenizer, student_cfg, model_cfg) -> None:
+    """`check_compatible` of the student and the model in `path` (its own tokenizer files if it
+    has any), with the config field and folder named in the error."""
+    try:
+        check_compatible(tokenizer, _folder_tokenizer(path, tokenizer), student_cfg, model_cfg)
+    except ValueError as e:
+        raise ValueError(
+            f"{what} ({path}) cannot score the student's tokens: {e}. Teachers and references "
+            "must share the student's tokenizer"
+        ) from None
 
 
 def _step_config(config, student, teachers, references, reference_of, vocab_size):
@@ -300,12 +341,8 @@ class Trainer:
         for name, t in config.teachers.items():
             path = _require_dir(t.path, f"teachers.{name}.path")
             teacher = models.from_pretrained(path, **kw)
-            has_tokenizer = any(
-                os.path.isfile(os.path.join(path, f))
-                for f in ("tokenizer.json", "tokenizer_config.json")
-            )
-            teacher_tok = Tokenizer.from_pretrained(path) if has_tokenizer else tokenizer
-            check_compatible(tokenizer, teacher_tok, student.config, teacher.config)
+            what = f"teachers.{name}.path"
+            _check_scores_like_student(what, path, tokenizer, student.config, teacher.config)
             teachers.append(teacher)
             if float(t.reward_scale) == 1.0 or t.reference is None:
                 reference_of.append(None)
@@ -316,7 +353,8 @@ class Trainer:
                 else:
                     where = _require_dir(t.reference, f"teachers.{name}.reference")
                     ref = models.from_pretrained(where, **kw)
-                    check_compatible(tokenizer, tokenizer, student.config, ref.config)
+                    what = f"teachers.{name}.reference"
+                    _check_scores_like_student(what, where, tokenizer, student.config, ref.config)
                 ref_index[t.reference] = len(references)
                 references.append(ref)
             reference_of.append(ref_index[t.reference])
@@ -404,8 +442,16 @@ class Trainer:
         scores, _ = verifiers.batch_verify(texts, rows, stats=stats, time_budget_seconds=budget)
         return {"accuracy": float(np.mean(scores))}
 
-    def teacher_logprobs(self, rollout: Rollout, teacher: int = 0) -> jax.Array:
-        """[B, T] log-probs of the rollout's completions under teacher `teacher`."""
+    def teacher_logprobs(self, rollout: Rollout, teacher: int | None = None) -> jax.Array:
+        """[B, T] log-probs of the rollout's completions under teacher `teacher`, or with None
+        under each row's own teacher (`rollout.teacher`, as the train step routes them)."""
+        if teacher is None:
+            routes = np.asarray(rollout.teacher)
+            out = None
+            for k in np.unique(routes):
+                logp = self.teacher_logprobs(rollout, int(k))
+                out = logp if out is None else jnp.where((routes == k)[:, None], logp, out)
+            return out
         model = (self.step_cfg.teachers[teacher], self.frozen.teachers[teacher])
         return scoring.rollout_logprobs(model, rollout, vocab_size=self.step_cfg.vocab_size)
 
@@ -416,8 +462,12 @@ class Trainer:
         return eval_set(self.config, self.tokenizer)
 
     def evaluate(self, params, key: jax.Array, examples=None, prompts=None) -> dict[str, float]:
-        """Held-out accuracy / pass@k of the student with `params` and its per-token KL to the
-        first teacher, on `examples`/`prompts` (default: `eval_set()`)."""
+        """Held-out accuracy / pass@k of the student with `params` (sampled as `config.eval`
+        says, e.g. greedy) on `examples`/`prompts` (default: `eval_set()`), and `kl_per_token`:
+        the k1 estimate of KL(student || teacher) per token on temperature-1, untruncated samples
+        of the student, each row scored by its own teacher (its example's `teacher`), overall and
+        per teacher (`kl_per_token/<name>`). With eval.temperature=1 the evaluation's samples
+        serve; otherwise a second, temperature-1 pass with the same keys is drawn for the KL."""
         if examples is None:
             examples, prompts = self.eval_set()
         with metrics.progress(len(examples), "eval", leave=False) as bar:
@@ -431,6 +481,7 @@ class Trainer:
                 batch_size=self.config.eval.batch_size,
                 rng=key,
                 teacher_logprobs=self.teacher_logprobs,
+                teacher_names=self.teacher_names,
                 progress=bar.update,
             )
 

@@ -350,3 +350,32 @@ def test_token_importance_sampling_and_its_truncation_bias(x64):
     # Without importance weights the off-policy samples estimate something else again.
     no_is = analysis.Estimator(d, off_policy=True, importance_weights=False)
     assert _rel(analysis.moments(problem, no_is).mean, token_is) > 1e-2
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_mean_baseline_with_unequal_lengths_reweights_each_position(x64, level):
+    """docs/math.md §4.2 with EOS and variable lengths, G = 2: E[ĝ_mean] = Σ_t κ_t g_t with
+    κ_t = E[k_t / (k_t + 1)] = P(the companion is active at t) / 2 and g_t the contribution of
+    position t to the plain estimator's expectation; not ½ × the target, while loo stays
+    unbiased."""
+    problem = analysis.Problem.random(0, vocab_size=3, horizon=3, eos_id=2)
+    space = problem.space
+    kw = {"divergence": "jsd", "level": level, "batch_size": 2}
+    est = analysis.Estimator(**kw)
+    plain = analysis.moments(problem, est).mean
+    loo = analysis.evaluate(problem, analysis.Estimator(**kw, baseline="loo"))
+    assert loo.relative_bias < RTOL
+    ls = analysis.token_logprobs(space, problem.student)
+    lt = analysis.token_logprobs(space, problem.teacher)
+    mask = space.mask
+    adv = est.advantages(ls, lt, None, mask) * mask  # [N, T]
+    p = _probs(problem)
+    g_t = -jnp.einsum("n,nt,ntpv->tpv", p, adv, _scores(problem))
+    scale = jnp.vdot(plain, g_t.sum(0)) / jnp.vdot(g_t.sum(0), g_t.sum(0))  # the normaliser
+    _assert_close(plain, scale * g_t.sum(0))  # the g_t decompose the plain expectation
+    active = jnp.einsum("n,nt->t", p, mask.astype(p.dtype))  # P(a sample is active at t)
+    assert float(active[-1]) < 0.9 < float(active[0]) + 1e-12  # lengths really vary
+    kappa = active / 2.0
+    mean = analysis.moments(problem, analysis.Estimator(**kw, baseline="mean")).mean
+    _assert_close(mean, scale * jnp.einsum("t,tpv->pv", kappa, g_t))
+    assert _rel(mean, 0.5 * plain) > 0.02  # not the (G-1)/G rescale of the loo expectation

@@ -19,12 +19,14 @@ from opdplus_jax import (
     metrics,
     models,
     optim,
+    scoring,
     sharding,
     train_step,
     trainer,
 )
 from opdplus_jax.configs import default as default_config
-from opdplus_jax.rollout import Rollout
+from opdplus_jax.rollout import Rollout, SamplingParams, StaticEngine
+from opdplus_jax.tasks import tokenizer as task_tokenizer
 from tests import tiny_run
 
 
@@ -392,3 +394,134 @@ def test_bad_settings_are_refused_before_any_model_loads(assets, tmp_path, field
     with pytest.raises(ValueError, match=re.escape(match)):
         _train(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------ evaluation KL, reference tokenizer, off-policy
+
+
+def _two_teacher_eval_config(assets, tmp_path, **overrides):
+    """Two teachers; the eval rows alternate between them by their `teacher` field."""
+    rows = [json.loads(line) for line in (assets / "test.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["teacher"] = ("default", "second")[i % 2]
+    path = tmp_path / "test_two_teachers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = _config(assets, **{"data.eval_path": str(path), **overrides})
+    config.unlock()
+    config.teachers.second = default_config.teacher(str(assets / "teacher2"))
+    config.lock()
+    return config
+
+
+def _generate_calls(monkeypatch):
+    """Records the temperature of every StaticEngine.generate call."""
+    calls, generate = [], StaticEngine.generate
+
+    def recording(self, *args, **kw):
+        calls.append(self.sampling.temperature)
+        return generate(self, *args, **kw)
+
+    monkeypatch.setattr(StaticEngine, "generate", recording)
+    return calls
+
+
+def _hand_kl(run, assets, params, key, temperature):
+    """k1 KL(student || row's teacher) per token, overall and per teacher index, of the eval rows
+    sampled at `temperature` with the evaluation's key (one engine call: fold_in(key, 0))."""
+    examples, prompts = run.eval_set()
+    n, c = run.config.eval.num_samples, run.config.eval
+    assert len(examples) * n <= c.batch_size  # one engine call in evaluate
+    row_prompts = [list(p) for p in prompts for _ in range(n)]
+    row_teacher = np.repeat([i % 2 for i in range(len(examples))], n)  # as the file says
+    sampling = SamplingParams.for_tokenizer(
+        run.tokenizer, max_new_tokens=c.max_new_tokens, temperature=temperature
+    )
+    engine = StaticEngine(run.step_cfg.student, sampling)
+    r = engine.generate(params, row_prompts, rng=jax.random.fold_in(key, 0))
+    student = np.asarray(engine.score(params, r), np.float64)
+    teachers = [models.from_pretrained(assets / name) for name in ("teacher", "teacher2")]
+    by = [
+        np.asarray(scoring.rollout_logprobs(t, r, vocab_size=run.step_cfg.vocab_size), np.float64)
+        for t in teachers
+    ]
+    m = np.asarray(r.mask, np.float64)
+    own = np.where((row_teacher == 0)[:, None], by[0], by[1])
+    kl = lambda lt, rows: ((student - lt) * m)[rows].sum() / m[rows].sum()
+    every = np.ones(len(row_teacher), bool)
+    return {
+        "all": kl(own, every),
+        0: kl(by[0], row_teacher == 0),
+        1: kl(by[1], row_teacher == 1),
+        "first_teacher_only": kl(by[0], every),
+    }
+
+
+def test_eval_kl_is_on_temperature_1_samples_scored_by_each_rows_teacher(
+    assets, tmp_path, monkeypatch
+):
+    config = _two_teacher_eval_config(assets, tmp_path, **{"eval.temperature": 0.0})
+    run = trainer.Trainer.setup(config, mesh=_one_device())
+    examples, _ = run.eval_set()
+    assert [ex["teacher"] for ex in examples] == [0, 1] * 4
+    assert [ex["teacher_name"] for ex in examples] == ["default", "second"] * 4
+    params, key = run.init_state().params, jax.random.key(7)
+    calls = _generate_calls(monkeypatch)
+    out = run.evaluate(params, key)
+    assert calls == [0.0, 1.0]  # greedy for accuracy, a temperature-1 pass for the KL
+    hand = _hand_kl(run, assets, params, key, temperature=1.0)
+    np.testing.assert_allclose(out["kl_per_token"], hand["all"], rtol=1e-4)
+    np.testing.assert_allclose(out["kl_per_token/default"], hand[0], rtol=1e-4)
+    np.testing.assert_allclose(out["kl_per_token/second"], hand[1], rtol=1e-4)
+    # Not the greedy paths' log-ratio, and not everything against the first teacher.
+    greedy = _hand_kl(run, assets, params, key, temperature=0.0)
+    assert abs(greedy["all"] - out["kl_per_token"]) > 0.05 * abs(out["kl_per_token"]), greedy
+    assert abs(hand["first_teacher_only"] - out["kl_per_token"]) > 0.05, hand
+
+
+def test_eval_at_temperature_1_reuses_its_samples_for_the_kl(assets, tmp_path, monkeypatch):
+    config = _two_teacher_eval_config(assets, tmp_path, **{"eval.temperature": 1.0})
+    run = trainer.Trainer.setup(config, mesh=_one_device())
+    params, key = run.init_state().params, jax.random.key(3)
+    calls = _generate_calls(monkeypatch)
+    out = run.evaluate(params, key)
+    assert calls == [1.0]  # no second pass
+    hand = _hand_kl(run, assets, params, key, temperature=1.0)
+    np.testing.assert_allclose(out["kl_per_token"], hand["all"], rtol=1e-4)
+    np.testing.assert_allclose(out["kl_per_token/second"], hand[1], rtol=1e-4)
+
+
+def test_a_reference_with_another_vocabulary_is_refused(assets, tmp_path):
+    ref = tmp_path / "reference"
+    models.random_checkpoint(ref, _model_config(), seed=5)  # the same embedding size
+    task_tokenizer.save_tokenizer(ref)
+    path = ref / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = (k for k, v in vocab.items() if v in (20, 21))
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens trade ids: another vocabulary
+    path.write_text(json.dumps(tok))
+    config = _config(
+        assets,
+        **{"teachers.default.reward_scale": 1.25, "teachers.default.reference": str(ref)},
+    )
+    with pytest.raises(ValueError, match=r"teachers\.default\.reference .*different token -> id"):
+        trainer.Trainer.setup(config, mesh=_one_device())
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # without its own tokenizer: accepted
+        (ref / f).unlink()
+    trainer.Trainer.setup(config, mesh=_one_device())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("rollout.temperature", 0.7), ("rollout.top_p", 0.9), ("rollout.top_k", 5)],
+)
+def test_off_policy_sampling_needs_the_is_correction(assets, field, value):
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}")) as err:
+        trainer.validate(_config(assets, **{field: value}))
+    assert "set loss.tis_cap, e.g. 2.0, to correct with truncated importance sampling" in str(
+        err.value
+    )
+    assert "or sample at temperature 1 without truncation" in str(err.value)
+    trainer.validate(_config(assets, **{field: value, "loss.tis_cap": 2.0}))
+    for preset in ("cpu", "strong_to_weak", "qwen3_exopd", "multi_teacher"):
+        trainer.validate(default_config.get_config(preset))

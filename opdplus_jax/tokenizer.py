@@ -9,7 +9,6 @@ the same tokenizer comparable (`check_compatible`).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -17,6 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from opdplus_jax.models.config import read_json_object
 
 
 class Tokenizer:
@@ -160,13 +161,7 @@ def generation_eos_ids(folder: str | os.PathLike) -> list[int]:
     path = os.path.join(os.fspath(folder), "generation_config.json")
     if not os.path.isfile(path):
         return []
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(raw).__name__}")
+    raw = read_json_object(path)
     eos = raw.get("eos_token_id")
     ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):

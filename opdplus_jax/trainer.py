@@ -318,10 +318,28 @@ class Trainer:
     student: nnx.Module
     step_cfg: train_step.StepConfig
     frozen: train_step.Frozen
-    teacher_names: list[str]
-    engine: StaticEngine
-    eval_engine: StaticEngine
-    optimizer: Any
+    # Derived from the above (replace them on an instance to change how it samples or steps).
+    teacher_names: list[str] = dataclasses.field(init=False)
+    engine: StaticEngine = dataclasses.field(init=False)
+    eval_engine: StaticEngine = dataclasses.field(init=False)
+    optimizer: Any = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        r, e = self.config.rollout, self.config.eval
+        rollout = SamplingParams.for_tokenizer(
+            self.tokenizer,
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+        )
+        held_out = SamplingParams.for_tokenizer(
+            self.tokenizer, max_new_tokens=e.max_new_tokens, temperature=e.temperature
+        )
+        self.teacher_names = list(self.config.teachers.keys())
+        self.engine = StaticEngine(self.step_cfg.student, rollout)
+        self.eval_engine = StaticEngine(self.step_cfg.student, held_out)
+        self.optimizer = optim.from_config(self.config.optimizer, self.config.train.num_steps)
 
     @classmethod
     def setup(cls, config: config_dict.ConfigDict, *, mesh: jax.sharding.Mesh | None = None):
@@ -365,29 +383,7 @@ class Trainer:
             teachers=tuple(nnx.split(m, nnx.Param)[1] for m in teachers),
             references=tuple(nnx.split(m, nnx.Param)[1] for m in references),
         )
-        r, e = config.rollout, config.eval
-        rollout_sampling = SamplingParams.for_tokenizer(
-            tokenizer,
-            max_new_tokens=r.max_new_tokens,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            top_k=r.top_k,
-        )
-        eval_sampling = SamplingParams.for_tokenizer(
-            tokenizer, max_new_tokens=e.max_new_tokens, temperature=e.temperature
-        )
-        return cls(
-            config=config,
-            mesh=mesh,
-            tokenizer=tokenizer,
-            student=student,
-            step_cfg=step_cfg,
-            frozen=frozen,
-            teacher_names=list(config.teachers.keys()),
-            engine=StaticEngine(step_cfg.student, rollout_sampling),
-            eval_engine=StaticEngine(step_cfg.student, eval_sampling),
-            optimizer=optim.from_config(config.optimizer, config.train.num_steps),
-        )
+        return cls(config, mesh, tokenizer, student, step_cfg, frozen)
 
     # ------------------------------------------------------------------------------ one step
 

@@ -3,7 +3,6 @@ match the weights (caught from the safetensors headers before the model is built
 that point outside the folder, malformed JSON files, exports that would write through symlinks,
 leave stale shards or overwrite the source folder, and tokenizers that ask to run custom code."""
 
-import contextlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 from opdplus_jax import models
 from opdplus_jax.models import checkpoint_io
 from opdplus_jax.tokenizer import Tokenizer
+from tests.files import edited_json
 
 DATA = os.path.join(os.path.dirname(__file__), "testdata", "models")
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -32,16 +32,6 @@ def tiny_config(**overrides):
 
 def checkpoint(folder, **overrides):
     return models.random_checkpoint(folder, tiny_config(**overrides), seed=0)
-
-
-@contextlib.contextmanager
-def edited_json(path):
-    """The JSON file at `path`, loaded for in-place edits and written back on exit."""
-    with open(path) as f:
-        data = json.load(f)
-    yield data
-    with open(path, "w") as f:
-        json.dump(data, f)
 
 
 def set_layers(folder, n):

@@ -1,6 +1,5 @@
 """Checkpoint loading and export: round trips, transformers' layout, sharded files, bad input."""
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -18,6 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from opdplus_jax import models
+from tests.files import edited_json
 
 DATA = os.path.join(os.path.dirname(__file__), "testdata", "models")
 FAMILIES = ["qwen3_tied", "qwen3_untied", "qwen2", "llama3"]
@@ -49,16 +49,6 @@ def _without_tensor(src, dst, name):
     del tensors[name]
     save_file(tensors, folder / "model.safetensors")
     return folder
-
-
-@contextlib.contextmanager
-def _edited_json(path):
-    """The JSON file at `path`, loaded for in-place edits and written back on exit."""
-    with open(path) as f:
-        data = json.load(f)
-    yield data
-    with open(path, "w") as f:
-        json.dump(data, f)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -209,7 +199,7 @@ def test_untied_checkpoint_without_lm_head(tmp_path):
 
 def test_shape_mismatch_names_file_and_tensor(tmp_path):
     folder = _copy("qwen3_untied", tmp_path / "m")
-    with _edited_json(folder / "config.json") as config:
+    with edited_json(folder / "config.json") as config:
         config["intermediate_size"] = 96
     with pytest.raises(ValueError, match=r"model\.safetensors.*model\.layers\.0\.mlp\.gate_proj"):
         models.from_pretrained(folder)
@@ -234,7 +224,7 @@ def test_corrupt_safetensors_names_file(tmp_path, damage):
 def test_sharded_index_listing_absent_tensor(tmp_path):
     folder = _copy("qwen3_sharded", tmp_path / "m")
     wrong = "model-00001-of-00003.safetensors"
-    with _edited_json(folder / "model.safetensors.index.json") as index:
+    with edited_json(folder / "model.safetensors.index.json") as index:
         name = next(k for k, v in index["weight_map"].items() if v != wrong)
         index["weight_map"][name] = wrong
     with pytest.raises(KeyError, match=name.replace(".", r"\.")):

@@ -278,6 +278,21 @@ def config_from_hf(hf: Any, where: str = "config") -> ModelConfig:
     )
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in the file at `path`; ValueError naming the file if it is not valid
+    JSON (or not UTF-8) or holds anything but an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{os.fspath(path)}: invalid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"{os.fspath(path)}: expected a JSON object, got a JSON {type(raw).__name__}"
+        )
+    return raw
+
+
 def read_config_json(folder: str | os.PathLike) -> dict[str, Any]:
     """`folder/config.json` as a dict, checked on the raw file (before `transformers` fills in
     defaults): a JSON object with a supported `model_type`, the required keys, positive integer
@@ -287,13 +302,7 @@ def read_config_json(folder: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{path}: missing config.json (not a Hugging Face checkpoint folder)"
         )
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(raw).__name__}")
+    raw = read_json_object(path)
     model_type = raw.get("model_type")
     if model_type is None:
         raise ValueError(f"{path}: missing required config key 'model_type'")

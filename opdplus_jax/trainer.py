@@ -100,11 +100,14 @@ class NonFiniteError(RuntimeError):
     """Raised after `max_consecutive_skips` non-finite updates in a row."""
 
 
-def _dtype(name: str):
+def _dtype(name: Any, field: str):
     try:
-        return jnp.dtype(name)
-    except TypeError as e:
-        raise ValueError(f"unknown dtype {name!r}; use float32 or bfloat16") from e
+        dtype = jnp.dtype(name) if isinstance(name, str) else None
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{field} must be a float dtype (float32, bfloat16, ...); got {name!r}")
+    return dtype
 
 
 def _require_dir(path: str, what: str) -> str:
@@ -150,9 +153,46 @@ def _field(config, dotted: str) -> Any:
     return node
 
 
+# Settings that must be finite numbers (their ranges are checked where they are used).
+NUMBER_FIELDS = (
+    "estimator.discount",
+    "rollout.temperature",
+    "rollout.top_p",
+    "eval.temperature",
+    "optimizer.learning_rate",
+    "optimizer.weight_decay",
+    "optimizer.b1",
+    "optimizer.b2",
+)
+
+
+def _check_number(value: Any, dotted: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+        raise ValueError(f"{dotted} must be a finite number; got {value!r}")
+
+
+def _check_mesh(mesh: Any) -> None:
+    sizes = {a: mesh[a] for a in sharding.MESH_AXES if a in mesh}
+    for axis, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or not (size >= 1 or size == -1):
+            raise ValueError(f"mesh.{axis} must be an int >= 1 or -1 (the rest); got {size!r}")
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1; got {sizes}")
+
+
 def validate(config: config_dict.ConfigDict) -> None:
     """Fail fast, before any model loads, with the fix named, on a config the loop or the step
     would reject later (deep inside JAX, or after a full step)."""
+    seed = config.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32); got {seed!r}")
+    _dtype(config.student.dtype, "student.dtype")
+    _dtype(config.student.param_dtype, "student.param_dtype")
+    _check_mesh(config.mesh)
+    for dotted in NUMBER_FIELDS:
+        _check_number(_field(config, dotted), dotted)
+    for name, t in config.teachers.items():
+        _check_number(t.reward_scale, f"teachers.{name}.reward_scale")
     for dotted, minimum in INT_FIELDS:
         value = _field(config, dotted)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -348,8 +388,8 @@ class Trainer:
         validate(config)
         mesh = mesh if mesh is not None else sharding.make_mesh(dict(config.mesh))
         kw = {
-            "dtype": _dtype(config.student.dtype),
-            "param_dtype": _dtype(config.student.param_dtype),
+            "dtype": _dtype(config.student.dtype, "student.dtype"),
+            "param_dtype": _dtype(config.student.param_dtype, "student.param_dtype"),
             "mesh": mesh,
         }
         student_path = _require_dir(config.student.path, "student.path")

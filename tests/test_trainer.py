@@ -310,7 +310,7 @@ def test_off_is_spelt_none(assets, tmp_path, field, old):
 
 def test_nan_learning_rate_is_refused_before_any_model_loads(assets):
     config = _config(assets, **{"optimizer.learning_rate": float("nan")})
-    with pytest.raises(ValueError, match=r"optimizer\.learning_rate must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"optimizer\.learning_rate must be a finite number"):
         trainer.validate(config)
 
 

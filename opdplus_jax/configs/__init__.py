@@ -22,7 +22,26 @@ def apply_overrides(config: config_dict.ConfigDict, overrides: dict[str, Any]) -
         try:
             for p in path:
                 node = node[p]
-            node[leaf] = value
+            current = node[leaf]
         except (KeyError, TypeError, AttributeError) as e:
+            message = e.args[0] if e.args else e
+            raise ValueError(f"config override {dotted}={value!r}: {message}") from None
+        if isinstance(current, config_dict.ConfigDict):
+            # A section is set field by field: {"rollout": {"temperature": 0.7}}.
+            if not isinstance(value, dict | config_dict.ConfigDict):
+                raise ValueError(
+                    f"config override {dotted}={value!r}: {dotted} is a section; set its fields "
+                    f"instead (e.g. {dotted}.<field>=...)"
+                )
+            for key in value:
+                if not isinstance(key, str) or "." in key or not key:
+                    raise ValueError(
+                        f"config override {dotted}={value!r}: {key!r} is not a field name"
+                    )
+            apply_overrides(config, {f"{dotted}.{k}": v for k, v in dict(value).items()})
+            continue
+        try:
+            node[leaf] = value
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             message = e.args[0] if e.args else e
             raise ValueError(f"config override {dotted}={value!r}: {message}") from None

@@ -150,7 +150,7 @@ def _read_index(index: str, folder: str) -> dict[str, str]:
     try:
         with open(index, encoding="utf-8") as f:
             data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, huge integers, deep nesting
         raise ValueError(f"{index}: invalid safetensors index: not valid JSON ({e})") from e
     if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
         raise ValueError(

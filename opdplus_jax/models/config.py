@@ -284,7 +284,7 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, huge integers, deep nesting
         raise ValueError(f"{os.fspath(path)}: invalid JSON ({e})") from e
     if not isinstance(raw, dict):
         raise ValueError(

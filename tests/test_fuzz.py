@@ -142,14 +142,8 @@ def run_property(name: str, profile: str, strategy: st.SearchStrategy, check: Ca
         HealthCheck.filter_too_much,
         HealthCheck.large_base_example,
     ]
-    settings(
-        max_examples=n,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        print_blob=False,
-        suppress_health_check=checks,
-    )(given(strategy)(prop))()
+    quiet = {"derandomize": True, "database": None, "deadline": None, "print_blob": False}
+    settings(max_examples=n, suppress_health_check=checks, **quiet)(given(strategy)(prop))()
 
 
 # ------------------------------------------------------------------------- violations, defects

@@ -169,6 +169,28 @@ def _ids(value: Any) -> TokenIds:
     return tuple(int(v) for v in value)
 
 
+# Rope parameters that must be numbers > 0 (other numeric ones, e.g. yarn's mscale, must be
+# finite; flags such as yarn's truncate are left to the rope code).
+POSITIVE_ROPE_PARAMETERS = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+    "partial_rotary_factor",
+)
+
+
+def _rope_number(value: Any, key: str, where: str, *, positive: bool = True) -> float:
+    """`value` as a float; ValueError naming the file and key unless it is a finite number
+    (> 0 when `positive`): a bad value would give inf/NaN rotary frequencies, a silently
+    different model."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (positive and value <= 0):
+        want = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"{where}: rope parameter {key!r} must be {want}; got {value!r}")
+    return float(value)
+
+
 def _rope(hf: Any, where: str) -> tuple[float, str, tuple[tuple[str, Any], ...]]:
     params = getattr(hf, "rope_parameters", None)
     if params is None:  # older transformers: rope_theta + rope_scaling
@@ -184,7 +206,13 @@ def _rope(hf: Any, where: str) -> tuple[float, str, tuple[tuple[str, Any], ...]]
         raise NotImplementedError(
             f"{where}: rope_type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})"
         )
-    theta = float(params.pop("rope_theta", getattr(hf, "rope_theta", 10000.0)))
+    theta = _rope_number(
+        params.pop("rope_theta", getattr(hf, "rope_theta", 10000.0)), "rope_theta", where
+    )
+    for key, value in params.items():
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if (key in POSITIVE_ROPE_PARAMETERS and value is not None) or numeric:
+            _rope_number(value, key, where, positive=key in POSITIVE_ROPE_PARAMETERS)
     if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
         raise NotImplementedError(f"{where}: partial_rotary_factor != 1 is not supported")
     if rope_type == "llama3":
@@ -306,6 +334,13 @@ def read_config_json(folder: str | os.PathLike) -> dict[str, Any]:
     model_type = raw.get("model_type")
     if model_type is None:
         raise ValueError(f"{path}: missing required config key 'model_type'")
+    if not isinstance(model_type, str):
+        raise ValueError(f"{path}: model_type must be a string; got {model_type!r}")
+    architectures = raw.get("architectures")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
+    ):
+        raise ValueError(f"{path}: architectures must be a list of strings; got {architectures!r}")
     if model_type not in FAMILIES:
         config_from_hf(_Namespace(raw), where=path)  # raises the model_type error
     missing = [k for k in _REQUIRED_KEYS if k not in raw]

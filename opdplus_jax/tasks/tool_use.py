@@ -81,7 +81,7 @@ def parse_call(text: str) -> tuple[Tool, dict[str, Any]]:
         raise ToolCallError("the call must be a JSON object starting with '{'")
     try:
         call = json.loads(body)
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON, huge integers, deep nesting
         raise ToolCallError(f"malformed JSON: {e}") from None
     if not isinstance(call, dict) or set(call) != {"name", "arguments"}:
         raise ToolCallError('the call must be {"name": ..., "arguments": {...}} and nothing else')

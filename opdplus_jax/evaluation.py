@@ -21,19 +21,14 @@ import jax
 import numpy as np
 
 from opdplus_jax import verifiers
-from opdplus_jax.rollout import Rollout, RolloutEngine, SamplingParams, StaticEngine
+from opdplus_jax.rollout import Rollout, RolloutEngine, StaticEngine
 from opdplus_jax.tokenizer import Tokenizer
-
-
-def samples_the_policy(sampling: SamplingParams) -> bool:
-    """Whether `sampling` draws from the policy itself (temperature 1, no top-p/top-k)."""
-    return sampling.temperature == 1.0 and sampling.top_p >= 1.0 and sampling.top_k == 0
 
 
 def policy_engine(engine: RolloutEngine) -> RolloutEngine:
     """`engine` if it samples the policy itself, else a `StaticEngine` of the same architecture
     and length that samples at temperature 1 without truncation (what a KL estimate needs)."""
-    if samples_the_policy(engine.sampling):
+    if not engine.sampling.off_policy_fields():
         return engine
     if not isinstance(engine, StaticEngine):
         raise ValueError(
@@ -97,7 +92,7 @@ def evaluate_policy(
         if rng is None:
             raise ValueError("rng is required for kl_per_token (temperature-1 samples)")
         kl_engine = policy_engine(engine) if kl_engine is None else kl_engine
-        if not samples_the_policy(kl_engine.sampling):
+        if kl_engine.sampling.off_policy_fields():
             raise ValueError("kl_engine must sample at temperature 1 without top-p/top-k")
     teacher_of = [int(ex.get("teacher", 0) or 0) for ex in examples]
     num_teachers = max(teacher_of, default=0) + 1

@@ -86,6 +86,16 @@ class SamplingParams:
         if self.vocab_size is not None:
             sampling.check_int("vocab_size", self.vocab_size, 1, " (or None for all logits)")
 
+    def off_policy_fields(self) -> tuple[str, ...]:
+        """The fields that make this distribution differ from the policy's own (temperature
+        != 1, top-p < 1, top-k > 0); () when it samples the policy itself."""
+        changed = (
+            ("temperature", self.temperature != 1.0),
+            ("top_p", self.top_p < 1.0),
+            ("top_k", self.top_k > 0),
+        )
+        return tuple(name for name, differs in changed if differs)
+
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, **fields: Any) -> SamplingParams:
         """Stop at the tokenizer's EOS ids, pad with its pad id, sample within its vocabulary."""
@@ -120,10 +130,7 @@ class RolloutEngine(Protocol):
 def request_ids(num_prompts: int, num_samples: int, teacher: Any = None) -> tuple[jax.Array, ...]:
     """(teacher, row_id, group_id), each [num_prompts * num_samples] int32, of a prompt-major
     request; `teacher` holds one teacher index per prompt (default all 0)."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer):
-        raise ValueError(f"num_samples must be an int >= 1; got {num_samples!r}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+    num_samples = sampling.check_int("num_samples", num_samples, 1)
     teacher = np.zeros(num_prompts, np.int32) if teacher is None else np.asarray(teacher)
     if teacher.shape != (num_prompts,) or not np.issubdtype(teacher.dtype, np.integer):
         raise ValueError(

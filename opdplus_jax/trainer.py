@@ -198,13 +198,14 @@ def validate(config: config_dict.ConfigDict) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{dotted} must be an int >= {minimum}; got {value!r}")
     r, e = config.rollout, config.eval
+    sampled = {}
     for where, fields in (
         ("rollout", {"max_new_tokens": r.max_new_tokens, "temperature": r.temperature,
                      "top_p": r.top_p, "top_k": r.top_k}),
         ("eval", {"max_new_tokens": e.max_new_tokens, "temperature": e.temperature}),
     ):  # fmt: skip
         try:
-            SamplingParams(**fields)
+            sampled[where] = SamplingParams(**fields)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
     optim.from_config(config.optimizer, config.train.num_steps)
@@ -226,15 +227,7 @@ def validate(config: config_dict.ConfigDict) -> None:
     _off_or_positive(est.log_ratio_clip, "estimator.log_ratio_clip")
     _off_or_positive(config.loss.ppo_clip, "loss.ppo_clip")
     _off_or_positive(config.loss.tis_cap, "loss.tis_cap")
-    off_policy = [
-        f"rollout.{name}={value!r}"
-        for name, value, on_policy in (
-            ("temperature", r.temperature, float(r.temperature) == 1.0),
-            ("top_p", r.top_p, float(r.top_p) >= 1.0),
-            ("top_k", r.top_k, int(r.top_k) == 0),
-        )
-        if not on_policy
-    ]
+    off_policy = [f"rollout.{n}={r[n]!r}" for n in sampled["rollout"].off_policy_fields()]
     if off_policy and config.loss.tis_cap is None:
         raise ValueError(
             f"{', '.join(off_policy)} samples the rollouts from another distribution than the "

@@ -34,6 +34,7 @@ from ml_collections import config_dict
 
 from opdplus_jax import (
     checkpoint,
+    configs,
     data,
     divergences,
     estimators,
@@ -146,13 +147,6 @@ INT_FIELDS = (
 )
 
 
-def _field(config, dotted: str) -> Any:
-    node = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
 # Settings that must be finite numbers (their ranges are checked where they are used).
 NUMBER_FIELDS = (
     "estimator.discount",
@@ -190,11 +184,11 @@ def validate(config: config_dict.ConfigDict) -> None:
     _dtype(config.student.param_dtype, "student.param_dtype")
     _check_mesh(config.mesh)
     for dotted in NUMBER_FIELDS:
-        _check_number(_field(config, dotted), dotted)
+        _check_number(configs.get_field(config, dotted), dotted)
     for name, t in config.teachers.items():
         _check_number(t.reward_scale, f"teachers.{name}.reward_scale")
     for dotted, minimum in INT_FIELDS:
-        value = _field(config, dotted)
+        value = configs.get_field(config, dotted)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{dotted} must be an int >= {minimum}; got {value!r}")
     r, e = config.rollout, config.eval

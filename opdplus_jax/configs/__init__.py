@@ -8,6 +8,14 @@ from typing import Any
 from ml_collections import config_dict
 
 
+def get_field(config: config_dict.ConfigDict, dotted: str) -> Any:
+    """The value of a dotted field (`"rollout.temperature"`); KeyError for a missing one."""
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
 def apply_overrides(config: config_dict.ConfigDict, overrides: dict[str, Any]) -> None:
     """Sets dotted fields (`{"train.num_steps": 20, "loss.tis_cap": None}`) of a locked config in
     place; None switches a feature off.
@@ -17,11 +25,9 @@ def apply_overrides(config: config_dict.ConfigDict, overrides: dict[str, Any]) -
     if not config.is_locked:
         raise ValueError("apply_overrides expects a locked config (call config.lock() first)")
     for dotted, value in overrides.items():
-        node = config
-        *path, leaf = dotted.split(".")
+        parent, _, leaf = dotted.rpartition(".")
         try:
-            for p in path:
-                node = node[p]
+            node = get_field(config, parent) if parent else config
             current = node[leaf]
         except (KeyError, TypeError, AttributeError) as e:
             message = e.args[0] if e.args else e

@@ -3,8 +3,11 @@
 `generate` left-pads the prompts to a bucket length (so one compilation serves many prompt
 lengths), runs one jitted prefill that writes the prompt's keys/values into a preallocated cache,
 then one jitted decode loop (no Python per token) that stops as soon as every row has emitted EOS
-or a stop token. The model is used as a pure function: its graphdef is a static argument and its
-params are ordinary arguments, so the same compiled sampler serves updated student weights.
+or a stop token. The two compiled programs are public, `prefill` and `decode_loop` (static
+settings: `SamplerStatic`), so that they can be lowered ahead of time with abstract arguments
+(`sampling.prefill.lower(graphdef, params, rest, tokens, mask, static=...)`). The model is
+used as a pure function: its graphdef is a static argument and its params are ordinary
+arguments, so the same compiled sampler serves updated student weights.
 
 Two log-probs come back per sampled token (see `GenerateResult`):
   * `logprobs`: under the unmodified policy (temperature 1, no truncation): what OPD scores;
@@ -256,8 +259,21 @@ def pad_prompts(
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
-    """Static (hashed) settings of the compiled prefill/decode: one compilation per value."""
+class SamplerStatic:
+    """Static (hashed) settings of the compiled `prefill` / `decode_loop`: one compilation per
+    value. `prefill` reads `cache_length`, `vocab_size` and `mesh`; `decode_loop` all fields.
+
+    Attributes:
+      cache_length: S, cache slots: the prompt bucket P plus max_new_tokens - 1.
+      max_new_tokens: T, tokens sampled per row (the decode loop's length).
+      greedy: argmax instead of sampling (temperature 0).
+      top_k: top-k truncation (0 = off); use_top_p: whether nucleus truncation is on (its
+        threshold is a traced argument).
+      stop_ids: sorted token ids after which a row stops (EOS and stop tokens).
+      pad_token_id: fills the tokens of finished rows.
+      vocab_size: sample only ids below it (None = every logit column).
+      mesh: the mesh whose batch axes split the rows (None: no constraints).
+    """
 
     cache_length: int
     max_new_tokens: int = 0
@@ -275,8 +291,21 @@ class _Static:
 
 
 @partial(jax.jit, static_argnames=("graphdef", "static"))
-def _prefill(graphdef, params, rest, prompt_tokens_BP, prompt_mask_BP, *, static):
-    """Write the prompts' keys/values into a fresh cache: (last-position logits [B, V], cache)."""
+def prefill(graphdef, params, rest, prompt_tokens_BP, prompt_mask_BP, *, static: SamplerStatic):
+    """Write the prompts' keys/values into a fresh cache (compiled; one program per shapes and
+    `static`).
+
+    Args:
+      graphdef, params, rest: `scoring.split_model(model)` (graphdef static; params and rest
+        pytrees of arrays, e.g. `jax.ShapeDtypeStruct`s when lowering ahead of time).
+      prompt_tokens_BP: [B, P] int32 left-padded prompts (P: the bucket).
+      prompt_mask_BP: [B, P] int32 (1 = real token).
+      static: a `SamplerStatic`; only `cache_length` (S >= P), `vocab_size` and `mesh` matter.
+
+    Returns:
+      (logits [B, V'] float32 at the last prompt position, V' = `vocab_size` or the model's V;
+      the model's KV cache with S slots, e.g. {"k", "v": [num_layers, B, K, S, H]}).
+    """
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, params, rest)
     B, Pn = prompt_tokens_BP.shape
@@ -291,9 +320,27 @@ def _prefill(graphdef, params, rest, prompt_tokens_BP, prompt_mask_BP, *, static
 
 
 @partial(jax.jit, static_argnames=("graphdef", "static"), donate_argnames=("cache",))
-def _decode(graphdef, params, rest, cache, logits0_BV, prompt_mask_BP, row_ids_B, rng,
-            temperature, top_p, *, static):  # fmt: skip
-    """Sample max_new_tokens tokens (fewer steps if every row stops) in one while_loop."""
+def decode_loop(graphdef, params, rest, cache, logits0_BV, prompt_mask_BP, row_ids_B, rng,
+                temperature, top_p, *, static: SamplerStatic):  # fmt: skip
+    """Sample `static.max_new_tokens` tokens per row (fewer steps if every row stops) in one
+    `lax.while_loop` (compiled; one program per shapes and `static`). The cache is donated.
+
+    Args:
+      graphdef, params, rest: as for `prefill`.
+      cache: the cache `prefill` returned (S = `static.cache_length` slots), donated.
+      logits0_BV: [B, V'] float32, `prefill`'s last-position logits (the first token's).
+      prompt_mask_BP: [B, P] int32, the prompts' mask given to `prefill`.
+      row_ids_B: [B] int32 row ids: row b's randomness is fold_in(rng, row_ids_B[b]).
+      rng: a typed `jax.random.key` (shape ()).
+      temperature: float32 scalar (> 0; 1.0 for greedy, where it is unused).
+      top_p: float32 scalar in (0, 1] (used when `static.use_top_p`).
+      static: a `SamplerStatic` with every field set.
+
+    Returns:
+      ((tokens [B, T] int32, mask [B, T] int32, logprobs [B, T] float32, sampling_logprobs
+      [B, T] float32, num_steps int32 scalar), cache): the arrays of `GenerateResult` and the
+      final cache, which aliases the donated input buffers.
+    """
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(graphdef, params, rest)
     B, Pn = prompt_mask_BP.shape
@@ -429,14 +476,15 @@ def generate(
     tokens, mask, row_ids = sharding.place_rows(
         mesh, tokens_np, mask_np, np.arange(B, dtype=np.int32)
     )
-    static = _Static(cache_length=Pn + max_new_tokens - 1, vocab_size=vocab_size, mesh=mesh)
-    logits0, cache = _prefill(graphdef, params, rest, tokens, mask, static=static)
+    static = SamplerStatic(cache_length=Pn + max_new_tokens - 1, vocab_size=vocab_size, mesh=mesh)
+    logits0, cache = prefill(graphdef, params, rest, tokens, mask, static=static)
     static = dataclasses.replace(
         static, max_new_tokens=max_new_tokens, greedy=greedy, top_k=int(top_k),
         use_top_p=top_p < 1.0, stop_ids=stop_ids, pad_token_id=int(pad_token_id),
     )  # fmt: skip
     temperature = jnp.float32(1.0 if greedy else temperature)
-    (*outs, num_steps), _ = _decode(graphdef, params, rest, cache, logits0, mask, row_ids, key,
-                                    temperature, jnp.float32(top_p), static=static)  # fmt: skip
+    (*outs, num_steps), _ = decode_loop(graphdef, params, rest, cache, logits0, mask, row_ids,
+                                        key, temperature, jnp.float32(top_p),
+                                        static=static)  # fmt: skip
     outs = [x[:B] for x in (*outs, tokens, mask)]  # drop the rows added for the mesh
     return GenerateResult(*outs, num_steps=num_steps)

@@ -51,6 +51,7 @@ LOGICAL_RULES: AxisRules = (
     ("head_dim", None),
     ("mlp", TENSOR),
     ("norm", None),
+    ("layers", None),
 )
 
 

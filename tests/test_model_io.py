@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from opdplus_jax import models
+from opdplus_jax import sharding as shd
 from tests.files import edited_json
 
 DATA = os.path.join(os.path.dirname(__file__), "testdata", "models")
@@ -119,6 +120,45 @@ def test_bf16_export(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(again.embed_tokens[...]), np.asarray(model.embed_tokens[...])
     )
+
+
+def test_layer_weights_are_stacked_and_unstack_into_the_hf_tensors():
+    folder = os.path.join(DATA, "qwen2")
+    model = models.from_pretrained(folder)
+    theirs = _tensors(folder)
+    ours = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    specs = models.tensor_specs(model.config)
+    assert {spec.path for spec in specs} == set(ours)
+    for spec in specs:
+        param = np.asarray(ours[spec.path].get_value())
+        if spec.layer is None:
+            assert spec.path[0] != "layers"
+        else:
+            assert spec.hf_name.startswith(f"model.layers.{spec.layer}.")
+            assert spec.path[0] == "layers" and param.shape[0] == model.config.num_layers
+        np.testing.assert_array_equal(spec.to_hf(spec.select(param)), theirs[spec.hf_name])
+
+
+@pytest.mark.parametrize("layers_axis", [None, "fsdp"])
+def test_sharded_load_and_export_round_trip(tmp_path, layers_axis):
+    """With a mesh every weight (layer weights assembled block by block) equals the unsharded
+    load, also when the rules split the layers axis itself (each device then holds one layer);
+    the export of the sharded model is the original checkpoint."""
+    folder = os.path.join(DATA, "llama3")
+    rules = tuple((n, layers_axis if n == "layers" else a) for n, a in shd.LOGICAL_RULES)
+    mesh = shd.make_mesh({"fsdp": 2, "tensor": 4})
+    model = models.from_pretrained(folder, mesh=mesh, rules=rules)
+    q = model.layers.attn.q_proj[...]  # [L, D, N, H]: (layers, embed, heads, head_dim)
+    held = {s.data.shape for s in q.addressable_shards}
+    assert held == ({(1, 64, 1, 16)} if layers_axis else {(2, 32, 1, 16)})
+    single = _params(models.from_pretrained(folder))
+    for key, value in _params(model).items():
+        np.testing.assert_array_equal(value, single[key], err_msg=str(key))
+    models.save_pretrained(model, tmp_path)
+    theirs, ours = _tensors(folder), _tensors(tmp_path)
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
 
 
 # ----- live comparison with transformers (PyTorch) -----

@@ -392,6 +392,50 @@ def test_no_recompilation_within_a_bucket():
     assert after["prefill"] == before["prefill"] + 1 and after["decode"] == before["decode"] + 1
 
 
+def test_prefill_and_decode_loop_lower_ahead_of_time_from_abstract_arguments():
+    """The two compiled programs `generate` runs are public and lower from shapes alone (as an
+    ahead-of-time planner does); the compiled pair reproduces `generate`, and the decode loop
+    updates the donated stacked cache in place (a cache with spare slots, S = 1024, so that a
+    copy of the whole cache would stand out among the loop's temporaries)."""
+    model, ref = fixture("qwen3_tied")
+    prompts = [s["prompt"] for s in ref["samples"]]
+    T = 5
+    graphdef, params, rest = scoring.split_model(model)
+    tokens, mask = sampling.pad_prompts(prompts)
+    B, P = tokens.shape
+    S = 1024
+    prefill_static = sampling.SamplerStatic(cache_length=S)
+    static = dataclasses.replace(prefill_static, max_new_tokens=T, greedy=True, stop_ids=(2,))
+    shape_of = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    rows = jax.ShapeDtypeStruct((B, P), jnp.int32)
+    prefill = sampling.prefill.lower(
+        graphdef, shape_of(params), shape_of(rest), rows, rows, static=prefill_static
+    ).compile()
+    logits_shape, cache_shape = prefill.out_info
+    cfg = model.config
+    layout = (cfg.num_layers, B, cfg.num_kv_heads, S, cfg.head_dim)
+    assert cache_shape["k"].shape == cache_shape["v"].shape == layout
+    assert logits_shape.shape == (B, cfg.vocab_size)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    decode = sampling.decode_loop.lower(
+        graphdef, shape_of(params), shape_of(rest), cache_shape, logits_shape, rows,
+        jax.ShapeDtypeStruct((B,), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)),
+        scalar, scalar, static=static,
+    ).compile()  # fmt: skip
+    memory = decode.memory_analysis()
+    cache_bytes = 2 * math.prod(layout) * 4
+    assert memory.alias_size_in_bytes == cache_bytes
+    assert memory.temp_size_in_bytes < cache_bytes  # about one layer's k and v: half of it
+    logits0, cache = prefill(params, rest, tokens, mask)
+    row_ids = jnp.arange(B, dtype=jnp.int32)
+    one = jnp.float32(1.0)
+    (out, out_mask, *_), _ = decode(params, rest, cache, logits0, mask, row_ids, jax.random.key(0),
+                                    one, one)  # fmt: skip
+    expect = sampling.generate(model, prompts, max_new_tokens=T, temperature=0, eos_token_id=2)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(expect.tokens))
+    np.testing.assert_array_equal(np.asarray(out_mask), np.asarray(expect.mask))
+
+
 # ----------------------------------------------------------------------------- prompts / input
 
 

@@ -106,12 +106,12 @@ def test_sharded_forward_equals_single_device(reference, layout):
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5)
     # The parameters are really split: each device holds 1/n of a sharded weight.
     fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
-    gate = model.layers[0].mlp.gate_proj[...]  # [D, F]: (embed -> fsdp, mlp -> tensor)
-    assert gate.sharding.spec == (P("fsdp", "tensor") if tensor > 1 else P("fsdp"))
-    assert {s.data.shape for s in gate.addressable_shards} == {(64 // fsdp, 128 // tensor)}
+    gate = model.layers.mlp.gate_proj[...]  # [L, D, F]: (layers, embed -> fsdp, mlp -> tensor)
+    assert gate.sharding.spec == (P(None, "fsdp", "tensor") if tensor > 1 else P(None, "fsdp"))
+    assert {s.data.shape for s in gate.addressable_shards} == {(2, 64 // fsdp, 128 // tensor)}
     assert len(gate.addressable_shards) == 8
-    q = model.layers[0].attn.q_proj[...]  # [D, N, H]
-    assert {s.data.shape for s in q.addressable_shards} == {(64 // fsdp, 4 // tensor, 16)}
+    q = model.layers.attn.q_proj[...]  # [L, D, N, H]
+    assert {s.data.shape for s in q.addressable_shards} == {(2, 64 // fsdp, 4 // tensor, 16)}
     embed = model.embed_tokens[...]  # [V, D]: vocab -> tensor, embed -> fsdp
     assert {s.data.size for s in embed.addressable_shards} == {embed.size // (fsdp * tensor)}
     if fsdp * tensor == 8:
@@ -127,7 +127,7 @@ def test_sharded_cached_decode_equals_single_device(reference):
     model = models.from_pretrained(path, mesh=mesh)
     batch, length = ids.shape
     cache = model.init_cache(batch, length)
-    assert cache[0]["k"].sharding.spec == P("fsdp", "tensor")
+    assert cache["k"].sharding.spec == P(None, "fsdp", "tensor")
     graphdef, params = nnx.split(model)
 
     @jax.jit
@@ -155,7 +155,7 @@ def test_param_shardings_tree_matches_state():
     shardings = shd.param_shardings(abstract, mesh)
     flat = dict(nnx.to_flat_state(shardings))
     assert flat[("lm_head",)].get_value().spec == P("fsdp", "tensor")
-    assert flat[("layers", 1, "attn", "o_proj")].get_value().spec == P("tensor", None, "fsdp")
+    assert flat[("layers", "attn", "o_proj")].get_value().spec == P(None, "tensor", None, "fsdp")
     assert shd.logical_axes_of(nnx.state(abstract)["norm"]) == ("norm",)
 
 

@@ -6,10 +6,11 @@ from opdplus_jax.models.checkpoint_io import from_pretrained, save_pretrained, t
 from opdplus_jax.models.config import ModelConfig, config_from_hf, load_config
 from opdplus_jax.models.factory import qwen3_config, random_checkpoint
 from opdplus_jax.models.families import FAMILIES, ModelFamily
-from opdplus_jax.models.transformer import CausalLM, KVCache
+from opdplus_jax.models.transformer import REMAT_POLICIES, CausalLM, KVCache
 
 __all__ = [
     "FAMILIES",
+    "REMAT_POLICIES",
     "CausalLM",
     "KVCache",
     "ModelConfig",

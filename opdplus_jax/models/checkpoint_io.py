@@ -1,21 +1,27 @@
 """Load and export Hugging Face checkpoint folders (config.json + safetensors).
 
 Loading reads `model.safetensors` or the shards listed in `model.safetensors.index.json`, one
-tensor at a time (`safetensors.safe_open`), converts it to our layout and dtype, and places it
-(with its `NamedSharding` when a mesh is given) before reading the next one, so the host never
-holds more than one tensor beyond the model itself. Before the model is built, config.json is
+tensor at a time (`safetensors.safe_open`), converts it to our layout and dtype, and places one
+parameter at a time (with its `NamedSharding` when a mesh is given). The model's layers are
+stacked (`transformer.DecoderLayer`: one [num_layers, ...] array per weight), so a layer weight
+is assembled from the checkpoint's per-layer tensors `model.layers.{i}.*`: with a mesh, each
+process fills only the blocks its own devices hold (and reads only the layers they hold), so
+the host never holds more than one parameter's local blocks and one tensor beyond the model
+itself; without a mesh, one stacked parameter. Before the model is built, config.json is
 checked against the checkpoint's tensor index (names and shapes from the safetensors headers):
 missing, unexpected or misshapen tensors are errors, so a config that does not describe the weights
 never loads as a different model. Shard files must lie inside the folder.
 
 Export writes the tensor names, shapes and config keys that `transformers`' own `save_pretrained`
-writes. Every file is written to a new temporary file in the folder and renamed into place (never
+writes, unstacking the layer weights (one layer's slice is gathered to the host at a time).
+Every file is written to a new temporary file in the folder and renamed into place (never
 through a symlink), shards of an earlier export that this one does not write are removed, and the
 folder the model was loaded from is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,7 +29,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -47,13 +53,23 @@ _SHOWN = 5  # tensor names quoted in an error message
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """One checkpoint tensor: its HF name and shape, our path, and the two layout conversions."""
+    """One checkpoint tensor: its HF name and shape, our parameter's path (in
+    `nnx.to_flat_state(nnx.state(model, nnx.Param))`), the two layout conversions of one tensor,
+    and `layer`: for a tensor of layer i (`model.layers.{i}.*`), i, the index of this tensor in
+    our stacked [num_layers, ...] parameter at `path`; None for the others (embedding, final
+    norm, lm_head), which are the whole parameter."""
 
     hf_name: str
     hf_shape: tuple[int, ...]
     path: tuple[Any, ...]
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    layer: int | None = None
+
+    def select(self, param: Any) -> Any:
+        """This tensor's part (in our layout) of the parameter at `path`: `param[layer]` for a
+        layer tensor, else `param` itself."""
+        return param if self.layer is None else param[self.layer]
 
 
 def _identity(x):
@@ -61,7 +77,7 @@ def _identity(x):
 
 
 def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
-    """All tensors of a checkpoint of `cfg`, in transformers' order."""
+    """All tensors of a checkpoint of `cfg`, in transformers' order (layer by layer)."""
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
@@ -77,7 +93,7 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
 
     specs = [TensorSpec("model.embed_tokens.weight", (v, d), ("embed_tokens",), *ident)]
     for i in range(cfg.num_layers):
-        pre, ours = f"model.layers.{i}.", ("layers", i)
+        pre = f"model.layers.{i}."
         layer = [
             ("input_layernorm.weight", (d,), ("input_norm",), ident),
             ("self_attn.q_proj.weight", (n * h, d), ("attn", "q_proj"), proj_in(n)),
@@ -110,7 +126,7 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
                 ("mlp.down_proj.bias", (d,), ("mlp", "down_bias"), ident),
             ]
         layer.append(("post_attention_layernorm.weight", (d,), ("post_attention_norm",), ident))
-        specs += [TensorSpec(pre + name, s, ours + p, *fns) for name, s, p, fns in layer]
+        specs += [TensorSpec(pre + name, s, ("layers", *p), *fns, i) for name, s, p, fns in layer]
     specs.append(TensorSpec("model.norm.weight", (d,), ("norm",), *ident))
     if not cfg.tie_word_embeddings:
         specs.append(TensorSpec("lm_head.weight", (v, d), ("lm_head",), *transpose))
@@ -284,28 +300,87 @@ def _check_tensors(
     return specs
 
 
-def _read_tensors(files: dict[str, str], names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) one at a time, opening each file once."""
-    by_file: dict[str, list[str]] = {}
-    for name in names:
-        by_file.setdefault(files[name], []).append(name)
-    for path, file_names in by_file.items():
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path}: safetensors shard missing (needed for {file_names[0]})"
+class _Reader:
+    """Reads checkpoint tensors by name, opening each file once (all stay open until the `with`
+    block ends), with the file and tensor named in every error."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+        self.handles: dict[str, tuple[Any, set[str]]] = {}
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stack.close()
+
+    def read(self, spec: TensorSpec) -> np.ndarray:
+        """The tensor of `spec` (its shape checked), converted to our layout."""
+        name = spec.hf_name
+        path = self.files[name]
+        if path not in self.handles:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: safetensors shard missing (needed for {name})")
+            f = self.stack.enter_context(_open_safetensors(path))
+            self.handles[path] = (f, set(f.keys()))
+        f, available = self.handles[path]
+        if name not in available:
+            raise KeyError(f"{path}: tensor {name!r} listed in the index is not in the file")
+        try:
+            array = f.get_tensor(name)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read tensor {name!r} ({e})") from e
+        if tuple(array.shape) != spec.hf_shape:  # the header said otherwise: a changed file
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {tuple(array.shape)}, but config.json "
+                f"implies {spec.hf_shape}"
             )
-        with _open_safetensors(path) as f:
-            available = set(f.keys())
-            for name in file_names:
-                if name not in available:
-                    raise KeyError(
-                        f"{path}: tensor {name!r} listed in the index is not in the file"
-                    )
-                try:
-                    array = f.get_tensor(name)
-                except Exception as e:
-                    raise ValueError(f"{path}: cannot read tensor {name!r} ({e})") from e
-                yield name, array
+        return np.ascontiguousarray(spec.to_ours(array))
+
+
+def _block_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """A device's block of an array, as (start, stop) per dimension."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+
+
+def _place(
+    group: list[TensorSpec], shape: tuple[int, ...], dtype: Any, sharding: Any, reader: _Reader
+) -> jax.Array:
+    """Our parameter of `shape` from its checkpoint tensors: one tensor (`group[0].layer` is
+    None), or one per layer of a stacked parameter (`group[i].layer == i`). Placed with
+    `sharding`, or on the default device when it is None.
+
+    With a sharding, every distinct block the process's devices hold is filled on the host, layer
+    by layer, and handed to `make_array_from_callback`: a process reads only the layers its
+    devices hold and keeps only its own blocks."""
+    stacked = group[0].layer is not None
+    if sharding is None:
+        if not stacked:
+            return jax.device_put(reader.read(group[0]).astype(dtype, copy=False))
+        host = np.empty(shape, dtype)
+        for spec in group:
+            host[spec.layer] = reader.read(spec)
+        return jax.device_put(host)
+    if not stacked:
+        value = reader.read(group[0]).astype(dtype, copy=False)
+        # Each device receives only its block (also correct with several processes).
+        return jax.make_array_from_callback(shape, sharding, lambda idx: value[idx])
+    keys = {
+        _block_key(idx, shape) for idx in sharding.addressable_devices_indices_map(shape).values()
+    }
+    blocks = {key: np.empty([stop - start for start, stop in key], dtype) for key in keys}
+    for spec in group:
+        holders = [key for key in blocks if key[0][0] <= spec.layer < key[0][1]]
+        if not holders:
+            continue  # no device of this process holds this layer
+        tensor = reader.read(spec)
+        for key in holders:
+            rest = tuple(slice(start, stop) for start, stop in key[1:])
+            blocks[key][spec.layer - key[0][0]] = tensor[rest]
+        del tensor
+    return jax.make_array_from_callback(shape, sharding, lambda idx: blocks[_block_key(idx, shape)])
 
 
 def from_pretrained(
@@ -316,12 +391,15 @@ def from_pretrained(
     mesh: Mesh | None = None,
     rules: shd.AxisRules = shd.LOGICAL_RULES,
     attention_chunk_size: int | None = 1024,
+    remat: str | None = None,
 ) -> CausalLM:
     """Load a Hugging Face checkpoint folder into a `CausalLM`.
 
     `dtype` is the activation dtype, `param_dtype` (default `dtype`) the stored weight dtype. With
     `mesh`, every weight is placed with the `NamedSharding` its logical axes map to (`rules`).
     `attention_chunk_size`: queries per attention chunk in the full forward (see `CausalLM`).
+    `remat`: the layers' rematerialisation policy in the full forward, None, "full", "save_dots"
+    or "offload" (see `transformer.remat_policy`); checked before any tensor is read.
     Errors name the file and tensor (missing config.json or tensor, tensors config.json does not
     describe, shape mismatch, corrupt file, shard outside the folder); config.json is checked
     against the safetensors headers before the model is built. The model's `config.source_folder`
@@ -343,31 +421,29 @@ def from_pretrained(
             mesh=mesh,
             rules=rules,
             attention_chunk_size=attention_chunk_size,
+            remat=remat,
         )
     )
     graphdef, state = nnx.split(abstract)
     variables = dict(nnx.to_flat_state(state))
-    for name, array in _read_tensors(files, list(specs)):
-        spec = specs[name]
-        if tuple(array.shape) != spec.hf_shape:  # the header said otherwise: a changed file
-            raise ValueError(
-                f"{files[name]}: tensor {name!r} has shape {tuple(array.shape)}, but config.json "
-                f"implies {spec.hf_shape}"
-            )
-        value = np.ascontiguousarray(spec.to_ours(array)).astype(param_dtype, copy=False)
-        del array
-        var = variables[spec.path]
-        if mesh is not None:
-            sharding = shd.logical_sharding(mesh, shd.logical_axes_of(var), value.shape, rules)
-            # Each device receives only its block (also correct with several processes).
-            placed = jax.make_array_from_callback(
-                value.shape, sharding, lambda idx, v=value: v[idx]
-            )
-        else:
-            placed = jax.device_put(value)
-        del value
-        var.set_value(placed)
+    groups: dict[tuple[Any, ...], list[TensorSpec]] = {}  # parameter path -> its tensors
+    for spec in specs.values():
+        groups.setdefault(spec.path, []).append(spec)
+    with _Reader(files) as reader:
+        for path, group in groups.items():
+            var = variables[path]
+            sharding = None
+            if mesh is not None:
+                axes = shd.logical_axes_of(var)
+                sharding = shd.logical_sharding(mesh, axes, var.shape, rules)
+            var.set_value(_place(group, tuple(var.shape), param_dtype, sharding, reader))
     return nnx.merge(graphdef, nnx.from_flat_state(variables))
+
+
+@jax.jit
+def _layer_of(stacked: jax.Array, layer: jax.Array) -> jax.Array:
+    """Layer `layer` (traced: one compilation per parameter shape) of a stacked parameter."""
+    return jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False)
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -467,7 +543,10 @@ def save_pretrained(
 
     try:
         for spec in tensor_specs(cfg):
-            array = np.ascontiguousarray(spec.to_hf(_host(state[spec.path].get_value())))
+            value = state[spec.path].get_value()
+            if spec.layer is not None:
+                value = _layer_of(value, spec.layer)
+            array = np.ascontiguousarray(spec.to_hf(_host(value)))
             if current and size + array.nbytes > max_shard_size:
                 flush()
                 size = 0

@@ -3,7 +3,7 @@
 Contract (shared by student, teacher and reference models, and by `opdplus_jax.sampling`):
 
 ```python
-model = models.from_pretrained(path, dtype=jnp.float32, param_dtype=None, mesh=None)
+model = models.from_pretrained(path, dtype=jnp.float32, param_dtype=None, mesh=None, remat=None)
 cfg = model.config                                   # ModelConfig
 logits_BLV = model(tokens_BL, positions_BL=None, attention_mask_BL=None)
 x_BLD = model.hidden_states(tokens_BL, positions_BL=None, attention_mask_BL=None)
@@ -21,10 +21,15 @@ graphdef, params = nnx.split(model, nnx.Param)
   states [B, L, D] (after the final norm, in the activation dtype). Slice them to the positions
   whose logits are needed, then call `logits`: the output layer is most of a small model's FLOPs
   (scoring needs the response positions only, a prefill only the last one).
-- `init_cache` returns a pure pytree: a list with one `{"k": [B, K, S, H], "v": [B, K, S, H]}`
-  dict per layer (K = kv heads, S = max_length, H = head dim), zeros, donate-able. Heads before
-  slots, so that a decode step's attention reads every head's keys as one contiguous [S, H]
-  matrix (no transpose of the cache per step).
+- The layers run as one `lax.scan` over stacked parameters, so the compiled program (and its
+  compile time) does not grow with depth. `remat` (None, "full", "save_dots", "offload"; see
+  `remat_policy`, names in `REMAT_POLICIES`) rematerialises each layer of the full forward in
+  the backward pass; it is checked when the model is built (`check_remat`).
+- `init_cache` returns a pure pytree `{"k": [L, B, K, S, H], "v": [L, B, K, S, H]}` (L = layers,
+  K = kv heads, S = max_length, H = head dim), zeros, donate-able. Heads before slots, so that a
+  decode step's attention reads every head's keys as one contiguous [S, H] matrix (no transpose
+  of the cache per step). The decode scan carries the whole cache and writes each layer's new
+  keys/values into it in place (`dynamic_update_slice`): donate it to the jitted caller.
 - `decode` writes the L new tokens' keys/values into slots `[write_index, write_index + L)` (the
   same slots for every row: left-padded layout) and lets new token l attend to slots
   `s <= write_index + l` with `kv_mask_BS[b, s]` set (the caller marks the new slots as real).
@@ -34,15 +39,20 @@ graphdef, params = nnx.split(model, nnx.Param)
   which can exceed the tokenizer's vocabulary (slice with `logits[..., :tokenizer.vocab_size]`).
 
 Parameter layout (logical axes in parentheses, see `opdplus_jax.sharding`): embedding [V, D]
-(vocab, embed); q [D, N, H] (embed, heads, head_dim); k, v [D, K, H]; o [N, H, D]; gate/up
-[D, F] (embed, mlp); down [F, D]; lm_head [D, V] (absent when tied). Inside attention the N = K x G
-query heads are split into K kv-head groups of G (free reshapes of q and o): activations are
-q [B, K, G, L, H], k/v [B, K, L, H].
+(vocab, embed); final norm [D] (norm); lm_head [D, V] (embed, vocab; absent when tied). The
+layers are one `DecoderLayer` module (`model.layers`) whose every parameter has a leading
+[L] axis (layers): q [L, D, N, H] (layers, embed, heads, head_dim); k, v [L, D, K, H];
+o [L, N, H, D]; gate/up [L, D, F] (layers, embed, mlp); down [L, F, D]; norms and biases [L, ...].
+Layer i is `jax.tree.map(lambda a: a[i], nnx.split(model.layers)[1])`; checkpoint files keep
+Hugging Face's per-layer tensors (`checkpoint_io` stacks and unstacks them). Inside attention
+the N = K x G query heads are split into K kv-head groups of G (free reshapes of q and o):
+activations are q [B, K, G, L, H], k/v [B, K, L, H].
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -54,7 +64,12 @@ from jax.sharding import Mesh
 from opdplus_jax import sharding as shd
 from opdplus_jax.models.config import ModelConfig
 
-KVCache = list[dict[str, jax.Array]]
+# The decode cache: {"k": [num_layers, B, K, S, H], "v": [num_layers, B, K, S, H]}.
+KVCache = dict[str, jax.Array]
+# Valid `remat` names besides None (see `remat_policy`).
+REMAT_POLICIES: tuple[str, ...] = ("full", "save_dots", "offload")
+# The N(0, 0.02) weights of one layer: q, k, v, o, gate, up, down (biases and norms are constant).
+RANDOM_PARAMS_PER_LAYER = 7
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked rows stay NaN-free
 
 
@@ -167,23 +182,55 @@ def attention(q_BKGLH, k_BKSH, v_BKSH, mask_BLS, chunk_size: int | None = None) 
     return out[:, :, :, :length]
 
 
+class _StackInit:
+    """Makes the parameters of `num_layers` layers, stacked on a leading "layers" axis.
+
+    The random weights use the keys that building the layers one after another draws: layer i's
+    j-th random parameter (in construction order) gets the (i * RANDOM_PARAMS_PER_LAYER + j)-th
+    key of `rngs.params()`, and the stream ends at the same count. A seed therefore gives the
+    same weights as a list of separately built layers (the layout before the stack was scanned),
+    so `factory.random_checkpoint` files do not depend on the layout.
+    """
+
+    def __init__(self, rngs: nnx.Rngs, num_layers: int):
+        keys = [rngs.params() for _ in range(num_layers * RANDOM_PARAMS_PER_LAYER)]
+        self.num_layers = num_layers
+        self.keys_LJ = jnp.stack(keys).reshape(num_layers, RANDOM_PARAMS_PER_LAYER)
+        self.drawn = 0
+
+    def __call__(self, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init="normal"):
+        stacked = (self.num_layers, *shape)
+        if init == "ones":
+            value = jnp.ones(stacked, dtype)
+        elif init == "zeros":
+            value = jnp.zeros(stacked, dtype)
+        else:
+            keys_L = self.keys_LJ[:, self.drawn]
+            self.drawn += 1
+            value = 0.02 * jax.vmap(lambda key: jax.random.normal(key, shape, dtype))(keys_L)
+        return nnx.Param(value, out_sharding=("layers", *axes), eager_sharding=False)
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    """Grouped-query self-attention of the layer stack (see `DecoderLayer`): parameters are made
+    stacked [num_layers, ...]; the methods run on one layer's slice of them."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, param: _StackInit):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg, self.dtype = cfg, dtype
-        self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
-        self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
-        self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
-        self.o_proj = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
+        self.q_proj = param((d, n, h), ("embed", "heads", "head_dim"), param_dtype)
+        self.k_proj = param((d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.v_proj = param((d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.o_proj = param((n, h, d), ("heads", "head_dim", "embed"), param_dtype)
         if cfg.qkv_bias:
-            self.q_bias = _param(rngs, (n, h), ("heads", "head_dim"), param_dtype, "zeros")
-            self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), param_dtype, "zeros")
-            self.v_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), param_dtype, "zeros")
+            self.q_bias = param((n, h), ("heads", "head_dim"), param_dtype, "zeros")
+            self.k_bias = param((k, h), ("kv_heads", "head_dim"), param_dtype, "zeros")
+            self.v_bias = param((k, h), ("kv_heads", "head_dim"), param_dtype, "zeros")
         if cfg.o_bias:
-            self.o_bias = _param(rngs, (d,), ("norm",), param_dtype, "zeros")
+            self.o_bias = param((d,), ("norm",), param_dtype, "zeros")
         if cfg.qk_norm:
-            self.q_norm = _param(rngs, (h,), ("head_dim",), param_dtype, "ones")
-            self.k_norm = _param(rngs, (h,), ("head_dim",), param_dtype, "ones")
+            self.q_norm = param((h,), ("head_dim",), param_dtype, "ones")
+            self.k_norm = param((h,), ("head_dim",), param_dtype, "ones")
 
     def qkv(self, x_BLD, sin_BLH, cos_BLH):
         """q [B, K, G, L, H] and k, v [B, K, L, H] (RoPE applied to q and k)."""
@@ -219,26 +266,36 @@ class Attention(nnx.Module):
         q, k, v = self.qkv(x_BLD, sin_BLH, cos_BLH)
         return self.out(attention(q, k, v, mask_BLS, chunk_size))
 
-    def decode(self, x_BLD, sin_BLH, cos_BLH, mask_BLS, cache, write_index, chunk_size=None):
+    def decode(self, x_BLD, sin_BLH, cos_BLH, mask_BLS, cache, layer, write_index, chunk_size=None):
+        """Attention of the new tokens over this layer's cached keys/values. `cache` is the whole
+        stacked cache; the new keys/values are written in place into layer `layer`'s slots
+        [write_index, write_index + L) and the updated whole cache is returned."""
         q, k, v = self.qkv(x_BLD, sin_BLH, cos_BLH)
-        start = (0, 0, write_index, 0)
-        k_BKSH = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-        v_BKSH = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-        o = attention(q, k_BKSH.astype(self.dtype), v_BKSH.astype(self.dtype), mask_BLS, chunk_size)
-        return self.out(o), {"k": k_BKSH, "v": v_BKSH}
+        start = (layer, 0, 0, write_index, 0)
+        new = {}
+        for name, kv_BKLH in (("k", k), ("v", v)):
+            update_1BKLH = kv_BKLH[None].astype(cache[name].dtype)
+            new[name] = jax.lax.dynamic_update_slice(cache[name], update_1BKLH, start)
+        k_BKSH, v_BKSH = (
+            jax.lax.dynamic_index_in_dim(new[name], layer, keepdims=False).astype(self.dtype)
+            for name in ("k", "v")
+        )
+        return self.out(attention(q, k_BKSH, v_BKSH, mask_BLS, chunk_size)), new
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    """SwiGLU MLP of the layer stack (parameters stacked, methods on one layer's slice)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, param: _StackInit):
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.cfg, self.dtype = cfg, dtype
-        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
-        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
-        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), param_dtype)
+        self.gate_proj = param((d, f), ("embed", "mlp"), param_dtype)
+        self.up_proj = param((d, f), ("embed", "mlp"), param_dtype)
+        self.down_proj = param((f, d), ("mlp", "embed"), param_dtype)
         if cfg.mlp_bias:
-            self.gate_bias = _param(rngs, (f,), ("mlp",), param_dtype, "zeros")
-            self.up_bias = _param(rngs, (f,), ("mlp",), param_dtype, "zeros")
-            self.down_bias = _param(rngs, (d,), ("norm",), param_dtype, "zeros")
+            self.gate_bias = param((f,), ("mlp",), param_dtype, "zeros")
+            self.up_bias = param((f,), ("mlp",), param_dtype, "zeros")
+            self.down_bias = param((d,), ("norm",), param_dtype, "zeros")
 
     def __call__(self, x_BLD):
         dt = self.dtype
@@ -253,24 +310,86 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    """All `num_layers` pre-norm decoder layers as one module.
+
+    Every parameter is stacked: it has a leading [num_layers] axis (logical axis "layers"), and
+    `CausalLM` runs the layers with one `lax.scan` over that axis. `__call__` and `decode` are one
+    layer: they run on a module whose parameters are one layer's slice, as the scan body sees them
+    (`nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))` of `nnx.split(stack)` is layer i).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, num_layers: int, dtype, param_dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
+        param = _StackInit(rngs, num_layers)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "param": param}
         self.eps = cfg.rms_norm_eps
-        self.input_norm = _param(rngs, (d,), ("norm",), param_dtype, "ones")
-        self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.post_attention_norm = _param(rngs, (d,), ("norm",), param_dtype, "ones")
-        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_norm = param((d,), ("norm",), param_dtype, "ones")
+        self.attn = Attention(cfg, **kw)
+        self.post_attention_norm = param((d,), ("norm",), param_dtype, "ones")
+        self.mlp = MLP(cfg, **kw)
+        if param.drawn != RANDOM_PARAMS_PER_LAYER:
+            raise AssertionError(f"a layer drew {param.drawn} random weights, not 7")
 
     def __call__(self, x_BLD, sin, cos, mask_BLS, chunk_size=None):
         h = rms_norm(x_BLD, self.input_norm[...], self.eps)
         x_BLD = x_BLD + self.attn(h, sin, cos, mask_BLS, chunk_size)
         return x_BLD + self.mlp(rms_norm(x_BLD, self.post_attention_norm[...], self.eps))
 
-    def decode(self, x_BLD, sin, cos, mask_BLS, cache, write_index, chunk_size=None):
+    def decode(self, x_BLD, sin, cos, mask_BLS, cache, layer, write_index, chunk_size=None):
+        """One layer's cached forward; `cache` is the whole stacked cache, `layer` this layer's
+        index in it (traced). Returns (x_BLD, updated whole cache)."""
         h = rms_norm(x_BLD, self.input_norm[...], self.eps)
-        a, cache = self.attn.decode(h, sin, cos, mask_BLS, cache, write_index, chunk_size)
+        a, cache = self.attn.decode(h, sin, cos, mask_BLS, cache, layer, write_index, chunk_size)
         x_BLD = x_BLD + a
         return x_BLD + self.mlp(rms_norm(x_BLD, self.post_attention_norm[...], self.eps)), cache
+
+
+def remat_policy(name: str | None) -> Callable[..., Any] | None:
+    """The `jax.checkpoint` policy of the remat setting `name` (None for `name=None`).
+
+    The policy applies to one layer of the scanned stack, in the full forward (`hidden_states`,
+    `__call__`), the one that is differentiated:
+
+    - None: no rematerialisation; the backward reads every intermediate saved by the forward;
+    - "full": save nothing inside a layer (`nothing_saveable`); the backward recomputes each
+      layer from its input (only the [B, L, D] layer inputs are kept): the least memory;
+    - "save_dots": save the matmul outputs without batch dimensions, i.e. the q/k/v/o and MLP
+      projections, not the attention scores (`dots_with_no_batch_dims_saveable`);
+    - "offload": those same matmul outputs, kept in host memory instead of device memory
+      (`offload_dot_with_no_batch_dims("device", "pinned_host")`).
+
+    ValueError (listing the valid names) for any other name.
+    """
+    if name is None:
+        return None
+    policies = jax.checkpoint_policies
+    if name == "full":
+        return policies.nothing_saveable
+    if name == "save_dots":
+        return policies.dots_with_no_batch_dims_saveable
+    if name == "offload":
+        return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    raise ValueError(
+        f"unknown remat policy {name!r}; valid: None (save everything), "
+        + ", ".join(repr(n) for n in REMAT_POLICIES)
+    )
+
+
+def check_remat(name: str | None, device: jax.Device | None = None) -> str | None:
+    """`name` if it is a valid remat setting (see `remat_policy`) usable on `device` (default:
+    `jax.devices()[0]`), else ValueError: an unknown name, or "offload" on a device without a
+    "pinned_host" memory space to offload to."""
+    remat_policy(name)
+    if name == "offload":
+        device = jax.devices()[0] if device is None else device
+        kinds = sorted(m.kind for m in device.addressable_memories())
+        if "pinned_host" not in kinds:
+            raise ValueError(
+                f"remat='offload' keeps saved activations in host memory, but {device} (backend "
+                f"{device.platform!r}) has no 'pinned_host' memory space (it has {kinds}); use "
+                "remat='save_dots' to keep them on the device or remat='full' to recompute them"
+            )
+    return name
 
 
 class CausalLM(nnx.Module):
@@ -286,9 +405,16 @@ class CausalLM(nnx.Module):
         mesh: Mesh | None = None,
         rules: shd.AxisRules = shd.LOGICAL_RULES,
         attention_chunk_size: int | None = 1024,
+        remat: str | None = None,
     ):
         """`mesh`/`rules` add activation sharding constraints; `attention_chunk_size` bounds the
-        attention-score memory of the full forward (queries per chunk, None = no chunking)."""
+        attention-score memory of the full forward (queries per chunk, None = no chunking);
+        `remat` is the rematerialisation policy of each layer in the full forward: None,
+        "full", "save_dots" or "offload" (see `remat_policy`). The remat setting is checked
+        here, before any weight is made: ValueError for an unknown name, or for "offload" when
+        the mesh's devices (default: `jax.devices()[0]`) have no pinned host memory."""
+        device = None if mesh is None else mesh.devices.flat[0]
+        self.remat = check_remat(remat, device)
         param_dtype = dtype if param_dtype is None else param_dtype
         self.attention_chunk_size = attention_chunk_size
         self.config = config
@@ -298,7 +424,7 @@ class CausalLM(nnx.Module):
         v, d = config.vocab_size, config.hidden_size
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype, "rngs": rngs}
         self.embed_tokens = _param(rngs, (v, d), ("vocab", "embed"), self.param_dtype)
-        self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_layers)])
+        self.layers = DecoderLayer(config, num_layers=config.num_layers, **kw)
         self.norm = _param(rngs, (d,), ("norm",), self.param_dtype, "ones")
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), self.param_dtype)
@@ -311,6 +437,21 @@ class CausalLM(nnx.Module):
         # which would leak into every row through 0 * NaN in the attention of masked keys.
         x = jnp.take(self.embed_tokens[...], tokens_BL, axis=0, mode="clip").astype(self.dtype)
         return self._constrain(x, ("batch", "length", "act_embed"))
+
+    def _scan_layers(self, step, carry, xs=None, remat=None):
+        """`carry = step(layer, carry, x)` for every layer in order, as one `lax.scan` over the
+        stacked parameters (`layer`: a `DecoderLayer` holding one layer's slice; `x`: that
+        layer's slice of `xs`). With `remat`, the step is a `jax.checkpoint` of that policy."""
+        graphdef, stack = nnx.split(self.layers)
+
+        def body(carry, stack_x):
+            layer_state, x = stack_x
+            return step(nnx.merge(graphdef, layer_state), carry, x), None
+
+        if remat is not None:
+            body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
+        carry, _ = jax.lax.scan(body, carry, (stack, xs))
+        return carry
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
         """Output layer: float32 logits [B, L, V] of final hidden states from `hidden_states`."""
@@ -330,7 +471,8 @@ class CausalLM(nnx.Module):
         positions_BL: jax.Array | None = None,
         attention_mask_BL: jax.Array | None = None,
     ) -> jax.Array:
-        """Full causal forward up to the output layer: final hidden states [B, L, D]."""
+        """Full causal forward up to the output layer: final hidden states [B, L, D]. The layers
+        run as one scan, each rematerialised with the model's `remat` policy."""
         tokens_BL = jnp.asarray(tokens_BL, jnp.int32)
         length = tokens_BL.shape[1]
         if attention_mask_BL is None:
@@ -342,9 +484,12 @@ class CausalLM(nnx.Module):
         causal_LS = jnp.tril(jnp.ones((length, length), bool))
         mask_BLS = causal_LS[None] & mask_BL[:, None, :]
         sin, cos = rope_sin_cos(self.config, positions_BL, self.dtype)
-        x = self._embed(tokens_BL)
-        for layer in self.layers:
-            x = layer(x, sin, cos, mask_BLS, self.attention_chunk_size)
+
+        def step(layer, x_BLD, _):
+            x_BLD = layer(x_BLD, sin, cos, mask_BLS, self.attention_chunk_size)
+            return self._constrain(x_BLD, ("batch", "length", "act_embed"))
+
+        x = self._scan_layers(step, self._embed(tokens_BL), remat=self.remat)
         return self._final_norm(x)
 
     def __call__(
@@ -357,21 +502,35 @@ class CausalLM(nnx.Module):
         return self.logits(self.hidden_states(tokens_BL, positions_BL, attention_mask_BL))
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
-        """Zero KV cache: per layer {"k", "v"} of shape [batch_size, K, max_length, H]."""
+        """Zero KV cache {"k", "v"}, each [num_layers, batch_size, K, max_length, H] (placed with
+        its logical sharding when the model has a mesh)."""
         cfg = self.config
         dtype = self.dtype if dtype is None else jnp.dtype(dtype)
-        shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
         device = None
         if self.mesh is not None:
-            axes = ("batch", "kv_heads", "cache_length", "head_dim")
+            axes = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
             device = shd.logical_sharding(self.mesh, axes, shape, self.rules)
-        return [
-            {
-                "k": jnp.zeros(shape, dtype, device=device),
-                "v": jnp.zeros(shape, dtype, device=device),
-            }
-            for _ in range(cfg.num_layers)
-        ]
+        return {
+            "k": jnp.zeros(shape, dtype, device=device),
+            "v": jnp.zeros(shape, dtype, device=device),
+        }
+
+    def _check_cache(self, cache: Any) -> None:
+        layout = '{"k": [num_layers, B, K, S, H], "v": [num_layers, B, K, S, H]}'
+        if not isinstance(cache, dict) or set(cache) != {"k", "v"}:
+            raise ValueError(
+                f"cache must be the dict {layout} that init_cache returns; got "
+                f"{type(cache).__name__}"
+                + (f" with keys {sorted(cache)}" if isinstance(cache, dict) else "")
+            )
+        cfg = self.config
+        for name, value in cache.items():
+            if value.ndim != 5 or value.shape[0] != cfg.num_layers:
+                raise ValueError(
+                    f"cache[{name!r}] has shape {tuple(value.shape)}; expected {layout} with "
+                    f"num_layers={cfg.num_layers} (make it with init_cache)"
+                )
 
     def decode_hidden(
         self,
@@ -382,23 +541,27 @@ class CausalLM(nnx.Module):
         kv_mask_BS: jax.Array,
     ) -> tuple[jax.Array, KVCache]:
         """Cached forward of L new tokens written at slots [write_index, write_index + L), up to
-        the output layer: (final hidden states [B, L, D], updated cache)."""
+        the output layer: (final hidden states [B, L, D], updated cache). The layers run as one
+        scan that carries the whole stacked cache and updates each layer's slice in place (donate
+        the cache to a jitted caller to avoid a copy)."""
+        self._check_cache(cache)
         tokens_BL = jnp.asarray(tokens_BL, jnp.int32)
         length = tokens_BL.shape[1]
-        slots = cache[0]["k"].shape[2]
+        slots = cache["k"].shape[3]
         write_index = jnp.asarray(write_index, jnp.int32)
         query_slot_L = write_index + jnp.arange(length, dtype=jnp.int32)
         causal_LS = jnp.arange(slots, dtype=jnp.int32)[None, :] <= query_slot_L[:, None]
         mask_BLS = causal_LS[None] & jnp.asarray(kv_mask_BS).astype(bool)[:, None, :]
         sin, cos = rope_sin_cos(self.config, jnp.asarray(positions_BL), self.dtype)
-        x = self._embed(tokens_BL)
-        new_cache = []
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x, layer_cache = layer.decode(
-                x, sin, cos, mask_BLS, layer_cache, write_index, self.attention_chunk_size
-            )
-            new_cache.append(layer_cache)
-        return self._final_norm(x), new_cache
+        chunk = self.attention_chunk_size
+
+        def step(layer, x_cache, index):
+            x_BLD, cache = x_cache
+            return layer.decode(x_BLD, sin, cos, mask_BLS, cache, index, write_index, chunk)
+
+        indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        x, cache = self._scan_layers(step, (self._embed(tokens_BL), dict(cache)), indices)
+        return self._final_norm(x), cache
 
     def decode(self, *args: Any, **kwargs: Any) -> tuple[jax.Array, KVCache]:
         """`decode_hidden` (same arguments) then the output layer: (float32 logits [B, L, V],

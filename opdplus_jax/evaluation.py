@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from opdplus_jax import verifiers
+from opdplus_jax import sharding, verifiers
 from opdplus_jax.rollout import Rollout, RolloutEngine, StaticEngine
 from opdplus_jax.tokenizer import Tokenizer
 
@@ -112,7 +112,7 @@ def evaluate_policy(
         teacher = np.concatenate([teacher, np.full(pad, teacher[-1], np.int32)])
         key = None if rng is None else jax.random.fold_in(rng, start)
         rollout = engine.generate(params, batch_prompts, rng=key, teacher=teacher)
-        tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
+        tokens, mask = sharding.host_array(rollout.tokens), sharding.host_array(rollout.mask)
         texts = tokenizer.batch_decode(
             [t[m > 0].tolist() for t, m in zip(tokens, mask, strict=True)]
         )
@@ -126,9 +126,9 @@ def evaluate_policy(
             if kl_engine is not engine:  # the KL's own temperature-1 samples of the same rows
                 rollout = kl_engine.generate(params, batch_prompts, rng=key, teacher=teacher)
             n = len(chunk)
-            lt = np.asarray(teacher_logprobs(rollout), np.float64)[:n]
-            ls = np.asarray(rollout.policy_logp, np.float64)[:n]
-            m = np.asarray(rollout.mask, np.float64)[:n]
+            lt = sharding.host_array(teacher_logprobs(rollout)).astype(np.float64)[:n]
+            ls = sharding.host_array(rollout.policy_logp).astype(np.float64)[:n]
+            m = mask.astype(np.float64)[:n]
             np.add.at(kl_sum, teacher[:n], ((ls - lt) * m).sum(-1))
             np.add.at(kl_count, teacher[:n], m.sum(-1))
         if progress is not None:

@@ -27,9 +27,15 @@ _OUT = flags.DEFINE_string("out", None, "export: output folder (default: <workdi
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
     False,
-    "Call jax.distributed.initialize() first (one process per host on a TPU pod or multi-GPU "
-    "cluster; coordinator and process ids come from the environment).",
+    "Call jax.distributed.initialize() first: one process per host on a TPU pod or multi-GPU "
+    "cluster. Coordinator, process count and process id come from the cluster environment "
+    "(TPU, SLURM, Kubernetes, ...) unless given by the three flags below.",
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "--distributed: host:port of process 0's coordinator service."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--distributed: processes in all.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
 MODES = ("train", "eval", "export")
 OVERRIDE_PREFIX = "--config."
 
@@ -57,7 +63,15 @@ def _run(mode: str) -> None:
     if _DISTRIBUTED.value:
         import jax
 
-        jax.distributed.initialize()
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    elif any(f.present for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
+        raise app.UsageError(
+            "--coordinator_address/--num_processes/--process_id need --distributed"
+        )
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/default.py:cpu")

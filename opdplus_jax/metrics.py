@@ -316,9 +316,14 @@ def read_jsonl(path: str | os.PathLike, *, split: str | None = None) -> list[dic
 
 def write_config(config: Any, workdir: str | os.PathLike) -> str:
     """Writes `workdir/config.json`, the run's full `ConfigDict`. A resumed run with a different
-    config keeps the previous file as `config.<n>.json` and warns."""
+    config keeps the previous file as `config.<n>.json` and warns. Only process 0 of a multi-host
+    run writes (the others return the path)."""
+    import jax
+
     workdir = os.fspath(workdir)
     path = os.path.join(workdir, "config.json")
+    if jax.process_index() != 0:
+        return path
     text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:

@@ -194,7 +194,8 @@ def shard_batch(batch: Any, mesh: Mesh, batch_axes: str | tuple[str, ...] = BATC
 
     Each process passes its local part of the global batch (a single process passes the whole
     batch); other dimensions are replicated. The leading dimension must be divisible by the
-    number of devices along `batch_axes` (on this process).
+    number of devices along `batch_axes` (on this process). An array that already spans several
+    processes (e.g. a rollout sampled on the mesh) is global: it is resharded as it is.
     """
     axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
     n = math.prod(mesh.shape[a] for a in axes)
@@ -203,6 +204,9 @@ def shard_batch(batch: Any, mesh: Mesh, batch_axes: str | tuple[str, ...] = BATC
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         if x.ndim == 0:
             return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            spec = PartitionSpec(axes if len(axes) > 1 else axes[0])
+            return jax.device_put(x, NamedSharding(mesh, spec))
         local = n // max(1, jax.process_count()) or 1
         if x.shape[0] % local:
             raise ValueError(
@@ -245,6 +249,21 @@ def place_rows(mesh: Mesh | None, *arrays: Any) -> tuple[jax.Array, ...]:
     sharding = NamedSharding(mesh, PartitionSpec(axes))
     pad = lambda a: jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1)) if extra else a
     return tuple(jax.device_put(pad(jnp.asarray(a)), sharding) for a in arrays)
+
+
+def host_array(x: Any) -> np.ndarray:
+    """The whole value of `x` as a NumPy array on every process.
+
+    A jax.Array split over several processes' devices cannot be read with `np.asarray`; it is
+    gathered with `multihost_utils.process_allgather`, a collective: every process must call this
+    for the same arrays in the same order (as the trainer and evaluation do). Anything else
+    (NumPy arrays, single-process or fully replicated arrays) is read directly.
+    """
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def constrain_rows(x: jax.Array, mesh: Mesh | None) -> jax.Array:

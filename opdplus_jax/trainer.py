@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from ml_collections import config_dict
 
@@ -417,9 +418,19 @@ class Trainer:
     def init_state(self) -> train_step.TrainState:
         """Step 0: the student's initial params and a fresh optimizer state."""
         _, params = nnx.split(self.student, nnx.Param)
-        return train_step.TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params)
+        # Every leaf is placed on the mesh: moments as their params, counters (and the step)
+        # replicated, so that each is one global array on every process of a multi-host run.
+        replicated = sharding.named_sharding(self.mesh)
+        opt_shardings = optax.tree_map_params(
+            self.optimizer,
+            lambda _, param_sharding: param_sharding,
+            jax.eval_shape(self.optimizer.init, params),
+            jax.tree.map(lambda x: x.sharding, params),
+            transform_non_params=lambda _: replicated,
         )
+        opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
+        step = jax.device_put(np.int32(0), replicated)
+        return train_step.TrainState(step=step, params=params, opt_state=opt_state)
 
     def rollout(self, params, prompts_batch: dict[str, Any], key: jax.Array) -> Rollout:
         """`rollout.num_samples` responses per prompt of a data batch (`prompt_tokens`, and
@@ -458,7 +469,8 @@ class Trainer:
         if not self.config.train.verify_rollouts:
             return {}
         n = self.config.rollout.num_samples
-        texts = self.tokenizer.batch_decode(np.asarray(rollout.tokens), np.asarray(rollout.mask))
+        tokens, mask = sharding.host_array(rollout.tokens), sharding.host_array(rollout.mask)
+        texts = self.tokenizer.batch_decode(tokens, mask)
         cols = {k: prompts_batch[k] for k in ("answer", "task", "domain") if k in prompts_batch}
         rows = [{k: v[i // n] for k, v in cols.items()} for i in range(len(texts))]
         budget = self.config.train.verify_budget_seconds
@@ -469,7 +481,7 @@ class Trainer:
         """[B, T] log-probs of the rollout's completions under teacher `teacher`, or with None
         under each row's own teacher (`rollout.teacher`, as the train step routes them)."""
         if teacher is None:
-            routes = np.asarray(rollout.teacher)
+            routes = sharding.host_array(rollout.teacher)
             out = None
             for k in np.unique(routes):
                 logp = self.teacher_logprobs(rollout, int(k))
@@ -567,16 +579,24 @@ class Trainer:
         if restored is None:
             return None
         state = train_step.TrainState(
-            step=jnp.asarray(restored.metadata["updates"], jnp.int32),
+            step=jax.device_put(
+                np.int32(restored.metadata["updates"]), sharding.named_sharding(self.mesh)
+            ),
             params=restored.params,
             opt_state=restored.opt_state,
         )
         return restored.step, state, restored.data_state
 
+    def key(self, seed: int) -> jax.Array:
+        """A typed PRNG key replicated over the mesh: the same value on every process, so that
+        a checkpoint of it is one global array (orbax refuses process-local arrays)."""
+        replicated = sharding.named_sharding(self.mesh)
+        return jax.jit(lambda: jax.random.key(seed), out_shardings=replicated)()
+
     def restore_from(self, workdir: str) -> train_step.TrainState:
         """The latest complete checkpoint's state under `workdir` (FileNotFoundError if none)."""
         with self.checkpoints(workdir, read_only=True) as manager:
-            found = self.restore(manager, jax.random.key(0))
+            found = self.restore(manager, self.key(0))
         if found is None:
             raise FileNotFoundError(f"no complete checkpoint under {workdir}/checkpoints")
         return found[1]
@@ -596,7 +616,7 @@ class Trainer:
         (also written to `workdir/metrics.jsonl`)."""
         config = self.config
         os.makedirs(workdir, exist_ok=True)
-        state, key = self.init_state(), jax.random.key(config.seed)
+        state, key = self.init_state(), self.key(config.seed)
         pipeline = data.PromptPipeline(
             config.data.train_path,
             self.tokenizer,
@@ -656,7 +676,7 @@ class Trainer:
                 state, step_metrics = self.update(state, rollout)
                 step_metrics = jax.device_get(step_metrics)
             faults.point("update")
-            tokens = float(np.asarray(rollout.mask).sum())
+            tokens = float(sharding.host_array(rollout.mask).sum())
             row = {
                 **step_metrics,
                 **rewards,

@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
+    # CUDA 12 wheels for NVIDIA GPUs (scripts/accelerator_check.sh installs them against the lock).
+    "cuda": ["jax[cuda12]>=0.11,<0.13"],
     "data": ["pyarrow>=15,<28"],
     "tensorboard": ["tensorboardX>=2.6,<3"],
     "notebooks": ["jupytext>=1.16,<2", "matplotlib>=3.8,<4", "jupyterlab>=4,<5"],

@@ -14,7 +14,10 @@ length of row b:
 | `seq_mean_token_mean`     | mean_b (sum_t l / |y_b|)           | biased (|y| is random)  |
 
 With fixed-length responses all four are exact rescalings of each other. Each is a function in
-the `AGGREGATIONS` registry; registering another makes it usable by name (`aggregation=`).
+the `AGGREGATIONS` registry; registering another makes it usable by name (`aggregation=`). An
+aggregation must be linear in the terms (its normaliser depends on the mask and shape only): the
+train step splits a batch into microbatches and sums their losses with the whole batch's per-token
+weights (`aggregation_weights`), which is exact only for a linear aggregation.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ import jax.numpy as jnp
 
 from opdplus_jax.registry import Registry
 
-__all__ = ["AGGREGATIONS", "LossStats", "aggregate", "pg_loss", "pg_loss_and_stats"]
+__all__ = [
+    "AGGREGATIONS",
+    "LossStats",
+    "aggregate",
+    "aggregation_weights",
+    "pg_loss",
+    "pg_loss_and_stats",
+]
 
 # A registered `AGGREGATIONS` name.
 Aggregation = str
@@ -75,6 +85,24 @@ def aggregate(
     return reduce(per_token_BT * fm, fm, max_len)
 
 
+def aggregation_weights(
+    mask: jax.Array,
+    aggregation: Aggregation = "seq_mean_token_sum_norm",
+    *,
+    max_len: int | None = None,
+) -> jax.Array:
+    """Per-token weights w [B, T] (float32) with aggregate(terms, mask) == sum(terms * w).
+
+    Every registered aggregation is linear in its terms, so w is its gradient with respect to
+    them (0 off the mask). Computed on a whole batch and sliced like the rows, the weights let
+    microbatches of that batch each contribute sum(terms * w) to exactly the whole batch's loss
+    (`pg_loss_and_stats(..., token_weights=)`).
+    """
+    fm = (jnp.asarray(mask) > 0).astype(jnp.float32)
+    reduce = lambda terms: aggregate(terms, fm, aggregation, max_len=max_len)
+    return jax.grad(reduce)(jnp.zeros_like(fm))
+
+
 class LossStats(NamedTuple):
     """Diagnostics of `pg_loss_and_stats`, each a scalar averaged over response tokens."""
 
@@ -95,6 +123,8 @@ def pg_loss_and_stats(
     ppo_clip: float | None = None,
     aggregation: Aggregation = "seq_mean_token_sum_norm",
     max_len: int | None = None,
+    token_weights: jax.Array | None = None,
+    num_tokens: jax.Array | None = None,
 ) -> tuple[jax.Array, LossStats]:
     """Policy-gradient surrogate with optional truncated IS and PPO clipping, and diagnostics.
 
@@ -109,11 +139,16 @@ def pg_loss_and_stats(
     `sampling_logprobs`; C = `tis_cap`, None = no truncation), and 1 without `behaviour_logp`.
     At r = 1 the PPO gradient equals the unclipped one (docs/math.md §5.4); TIS is biased iff
     some weight exceeds C (5.3). Advantages and weights are constants (stop-gradient).
+
+    Part of a larger batch (a microbatch): `token_weights` [B, T] (the larger batch's
+    `aggregation_weights`, sliced to these rows) replaces the aggregation, loss = sum(terms * w),
+    and `num_tokens` (the larger batch's response-token count) normalises the stats. The parts'
+    losses and stats then sum to those of the whole batch. Defaults: this batch alone.
     """
     if ppo_clip is not None and not ppo_clip > 0:
         raise ValueError(f"ppo_clip must be None (off) or a positive float, got {ppo_clip!r}")
     fm = (jnp.asarray(mask) > 0).astype(jnp.float32)
-    count = jnp.maximum(fm.sum(), 1.0)
+    count = jnp.maximum(fm.sum(), 1.0) if num_tokens is None else num_tokens
     adv = jax.lax.stop_gradient(advantages)
     old = jax.lax.stop_gradient(logp if old_logp is None else old_logp)
     log_ratio = jnp.where(fm > 0, logp - old, 0.0)
@@ -133,7 +168,10 @@ def pg_loss_and_stats(
         cap = jnp.inf if tis_cap is None else tis_cap
         weight = jnp.minimum(raw, cap)
         truncated = (raw > cap) & (fm > 0)
-    loss = aggregate(-weight * surrogate, mask, aggregation, max_len=max_len)
+    if token_weights is None:
+        loss = aggregate(-weight * surrogate, mask, aggregation, max_len=max_len)
+    else:
+        loss = jnp.sum(-weight * surrogate * fm * jax.lax.stop_gradient(token_weights))
     stats = LossStats(
         ratio_mean=(jax.lax.stop_gradient(ratio) * fm).sum() / count,
         ppo_clip_fraction=clip_active.sum() / count,

@@ -7,7 +7,9 @@ sequence that gathers, at every completion position, the float32 log-prob of the
 under the unmodified model (temperature 1, no truncation). It is traceable, so the fused train
 step calls it inside its own jit; everything outside a jit calls `token_logprobs` (or
 `rollout_logprobs` for a `Rollout`), which validates its input, places the rows on the params'
-mesh and runs `completion_logprobs` compiled once per (architecture, shapes, vocab_size).
+mesh and runs `completion_logprobs` compiled once per (architecture, shapes, vocab_size,
+chunk_size). With `chunk_size` the output layer runs over chunks of completion positions, so at
+most [B, chunk_size, V] logits are live, in the forward and in the backward.
 
 Prompt and completion use the layout of `sampling.generate` and `rollout.Rollout`, so
 `token_logprobs(student, r.prompt_tokens, r.prompt_mask, r.tokens, r.mask)` reproduces the
@@ -72,14 +74,33 @@ def positions_from_mask(mask_BL: jax.Array) -> jax.Array:
 
 
 def completion_logprobs(
-    model, prompt_tokens_BP, prompt_mask_BP, tokens_BT, mask_BT, vocab_size: int | None = None
+    model,
+    prompt_tokens_BP,
+    prompt_mask_BP,
+    tokens_BT,
+    mask_BT,
+    vocab_size: int | None = None,
+    *,
+    chunk_size: int | None = None,
 ) -> jax.Array:
     """log pi(y_t | prompt, y_<t) [B, T] (float32, 0 where mask_BT is 0) in one causal forward.
 
     Traceable (not jitted). The output layer runs at the T positions that predict the completion
     only (hidden states are sliced first), and the log-probs are gathered logits minus logsumexp
     (`gather_logprobs`), without a [B, P + T, V] logits or a [B, T, V] log-softmax array.
+
+    `chunk_size` (None = all T positions at once) bounds the logits further: the final hidden
+    states are computed once, then the output layer and the gather run over chunks of
+    `chunk_size` completion positions (a `lax.map` of a `jax.checkpoint`ed function; T is padded
+    to a multiple of the chunk and sliced back), so at most [B, chunk_size, V] float32 logits are
+    live, in the forward and in the backward (which recomputes each chunk's logits). The result
+    and its gradient equal the unchunked ones to float32 rounding; a chunk >= T is the unchunked
+    path.
     """
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(
+            f"chunk_size must be None (no chunking) or an int >= 1; got {chunk_size!r}"
+        )
     P, T = prompt_tokens_BP.shape[1], tokens_BT.shape[1]
     tokens_BL = jnp.concatenate([prompt_tokens_BP, tokens_BT], axis=1)
     mask_BL = jnp.concatenate([prompt_mask_BP, mask_BT], axis=1).astype(jnp.int32)
@@ -87,12 +108,29 @@ def completion_logprobs(
         tokens_BL, positions_BL=positions_from_mask(mask_BL), attention_mask_BL=mask_BL
     )
     # The hidden state at position i predicts token i + 1: completion token t at P - 1 + t.
-    logits_BTV = model.logits(x_BLD[:, P - 1 : P - 1 + T])[..., :vocab_size]
-    logp_BT = gather_logprobs(logits_BTV, tokens_BT)
+    x_BTD = x_BLD[:, P - 1 : P - 1 + T]
+
+    def chunk_logprobs(x_BCD, tokens_BC):
+        return gather_logprobs(model.logits(x_BCD)[..., :vocab_size], tokens_BC)
+
+    if chunk_size is None or chunk_size >= T:
+        logp_BT = chunk_logprobs(x_BTD, tokens_BT)
+    else:
+        B, D = x_BTD.shape[0], x_BTD.shape[-1]
+        n = -(-T // chunk_size)
+        pad = n * chunk_size - T
+        x_BNCD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk_size, D)
+        x_NBCD = x_BNCD.transpose(1, 0, 2, 3)
+        tokens_NBC = jnp.pad(tokens_BT, ((0, 0), (0, pad))).reshape(B, n, chunk_size)
+        tokens_NBC = tokens_NBC.transpose(1, 0, 2)
+        # Rematerialised: the backward recomputes a chunk's logits instead of saving them.
+        one = jax.checkpoint(lambda xs: chunk_logprobs(*xs), prevent_cse=False)
+        logp_NBC = jax.lax.map(one, (x_NBCD, tokens_NBC))
+        logp_BT = logp_NBC.transpose(1, 0, 2).reshape(B, n * chunk_size)[:, :T]
     return jnp.where(mask_BT.astype(bool), logp_BT, 0.0)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "vocab_size"))
+@partial(jax.jit, static_argnames=("graphdef", "vocab_size", "chunk_size"))
 def _token_logprobs(
     graphdef,
     params,
@@ -102,11 +140,18 @@ def _token_logprobs(
     completion_tokens_BT,
     mask_BT,
     vocab_size,
+    chunk_size,
 ):
     TRACE_COUNTS["token_logprobs"] += 1
     model = nnx.merge(graphdef, params, rest)
     return completion_logprobs(
-        model, prompt_tokens_BP, prompt_mask_BP, completion_tokens_BT, mask_BT, vocab_size
+        model,
+        prompt_tokens_BP,
+        prompt_mask_BP,
+        completion_tokens_BT,
+        mask_BT,
+        vocab_size,
+        chunk_size=chunk_size,
     )
 
 
@@ -118,6 +163,7 @@ def token_logprobs(
     completion_mask: jax.Array,
     *,
     vocab_size: int | None = None,
+    chunk_size: int | None = None,
 ) -> jax.Array:
     """Float32 log-probs [B, T] of `completion_tokens` under `model` (0 where the mask is 0).
 
@@ -129,6 +175,8 @@ def token_logprobs(
 
       vocab_size: normalise over the first vocab_size logit columns only (the tokenizer's
         vocabulary of a padded embedding), as `generate(..., vocab_size=)` samples. None = all.
+      chunk_size: completion positions per output-layer chunk (`completion_logprobs`): at most
+        [B, chunk_size, V] logits are live. None = all T at once. The result is the same.
 
     The log-probs are those of the unmodified model (temperature 1, no top-k/top-p).
     """
@@ -154,11 +202,19 @@ def token_logprobs(
     placed = sharding.place_rows(
         sharding.infer_mesh(params), *(a.astype(jnp.int32) for a in arrays)
     )
-    logp_BT = _token_logprobs(graphdef, params, rest, *placed, vocab_size=vocab_size)
+    logp_BT = _token_logprobs(
+        graphdef, params, rest, *placed, vocab_size=vocab_size, chunk_size=chunk_size
+    )
     return logp_BT[: prompt_tokens.shape[0]]
 
 
-def rollout_logprobs(model: ModelLike, rollout: Any, *, vocab_size: int | None = None) -> jax.Array:
+def rollout_logprobs(
+    model: ModelLike,
+    rollout: Any,
+    *,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> jax.Array:
     """`token_logprobs` of a `rollout.Rollout`'s completions (anything with `prompt_tokens`,
     `prompt_mask`, `tokens` and `mask` attributes): [B, T] float32, 0 where the mask is 0."""
     return token_logprobs(
@@ -168,4 +224,5 @@ def rollout_logprobs(model: ModelLike, rollout: Any, *, vocab_size: int | None =
         rollout.tokens,
         rollout.mask,
         vocab_size=vocab_size,
+        chunk_size=chunk_size,
     )

@@ -4,23 +4,38 @@ Models are pure functions: each jitted function takes the student's params and t
 teachers' and references' params as arguments, with their graphdefs static. One compilation
 therefore serves any weights (and the sampler shares the student's params). The batch is a
 `rollout.Rollout` (B = prompts x samples rows, prompt-major); the step reads its prompts and
-completions, the behaviour log-probs (truncated IS) and each row's teacher index. Every log-prob
-comes from `scoring.completion_logprobs`, the package's one scoring path, traced into the step.
+completions and the behaviour log-probs (truncated IS). Every log-prob comes from
+`scoring.completion_logprobs`, the package's one scoring path, traced into the step.
 
-Multi-teacher routing: every teacher scores the batch and each row keeps its own teacher's
-log-probs, reward scale lambda and reference, so advantages are built per row from its teacher.
-Frozen models never get a gradient (their params are not differentiated) nor optimizer state.
+Routed teachers: the rows come in contiguous teacher blocks of static sizes
+(`StepConfig.teacher_rows`: teacher 0's rows first, then teacher 1's, ...; the trainer's data
+pipeline draws a fixed number of prompts per teacher for every batch). Each teacher, and each
+reference, scores only the rows of its block(s), so K teachers cost about one teacher's FLOPs;
+each row's advantages use its teacher's log-probs, reward scale lambda and reference. Frozen
+models never get a gradient (their params are not differentiated) nor optimizer state.
+
+Memory: the rollout is split into microbatches of `StepConfig.microbatch_rows` rows, a
+`lax.scan` that accumulates the gradient in float32, so only one microbatch's activations are
+live. Microbatch m holds rows [m b/M, (m+1) b/M) of every teacher block of b rows (M
+microbatches), so every microbatch has the same static teacher blocks, and whole groups of a
+prompt's samples (the group baselines need them). The loss's per-token weights and every metric's
+token count are the whole batch's (computed before the scan), so the loss, the gradient and the
+metrics equal those of the unsplit step to float rounding, for every aggregation and baseline.
+`StepConfig.logits_chunk` bounds the output layer's logits within a microbatch
+(`completion_logprobs(chunk_size=)`).
 
 `train_step` (the default, one update per rollout) fuses scoring and the update in one jitted,
 donated call; the old log-probs are then the current ones (ratio 1). With several minibatch
 updates per rollout, `score_rollout` fixes the old log-probs and advantages first and
-`update_step` runs per minibatch (PPO clipping and truncated IS apply there).
+`update_step` runs per minibatch (PPO clipping and truncated IS apply there); both split into
+microbatches the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -28,8 +43,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
-from opdplus_jax import divergences, estimators, losses, scoring
+from opdplus_jax import divergences, estimators, losses, scoring, sharding
 from opdplus_jax.rollout import Rollout
 
 
@@ -47,9 +63,26 @@ class Frozen(NamedTuple):
     references: tuple[Any, ...]
 
 
+def _off_or_at_least_one(value: Any, field: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"StepConfig.{field} must be None or an int >= 1; got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """Everything static about a step (hashable: part of the compilation key)."""
+    """Everything static about a step (hashable: part of the compilation key).
+
+    Layout and memory fields:
+      teacher_rows: rows per teacher, in teacher order: the batch is teacher 0's block of rows,
+        then teacher 1's, ... (each a whole number of prompt groups). Needed with several
+        teachers; None with one (it scores every row).
+      microbatch_rows: global rows per microbatch (None = the whole batch at once). The batch
+        (or minibatch) splits into M = rows / microbatch_rows microbatches, each taking 1/M of
+        every teacher block; every block must split into M parts of whole groups.
+      logits_chunk: completion positions per output-layer chunk (None = all at once).
+      mesh: the mesh the rows are split over (its batch axes); microbatches and teacher blocks
+        are spread over it. None: no sharding constraints.
+    """
 
     student: nnx.GraphDef
     teachers: tuple[nnx.GraphDef, ...]
@@ -67,64 +100,214 @@ class StepConfig:
     aggregation: str = "seq_mean_token_sum_norm"
     ppo_clip: float | None = None
     tis_cap: float | None = None
+    teacher_rows: tuple[int, ...] | None = None
+    microbatch_rows: int | None = None
+    logits_chunk: int | None = None
+    mesh: Mesh | None = None
+
+    def __post_init__(self):
+        k = len(self.teachers)
+        if k < 1 or len(self.reward_scales) != k or len(self.reference_of) != k:
+            raise ValueError(
+                "StepConfig needs at least one teacher, and one reward scale and one reference_of "
+                f"entry per teacher; got {k} teachers, {len(self.reward_scales)} reward scales, "
+                f"{len(self.reference_of)} reference_of entries"
+            )
+        if self.teacher_rows is None and k > 1:
+            raise ValueError(
+                f"StepConfig with {k} teachers needs teacher_rows (rows per teacher: the batch "
+                "is laid out in contiguous teacher blocks of those sizes)"
+            )
+        if self.teacher_rows is not None and (
+            len(self.teacher_rows) != k
+            or any(
+                isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.teacher_rows
+            )
+        ):
+            raise ValueError(
+                f"StepConfig.teacher_rows must hold one int >= 1 per teacher ({k}); got "
+                f"{self.teacher_rows!r}"
+            )
+        _off_or_at_least_one(self.microbatch_rows, "microbatch_rows")
+        _off_or_at_least_one(self.logits_chunk, "logits_chunk")
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(f"StepConfig.group_size must be an int >= 1; got {g!r}")
 
 
-def _completion_logprobs(graphdef, params, rollout, vocab_size: int) -> jax.Array:
-    """log pi(y_t | c_t) [B, T] of a rollout's completion tokens under a model (float32)."""
+# ------------------------------------------------------------------------------ row layout
+
+
+class _Layout(NamedTuple):
+    """Static row layout of one call: M microbatches; per block its rows in the whole batch."""
+
+    blocks: tuple[int, ...]  # rows per teacher block in the batch (one block without teachers)
+    num_microbatches: int
+
+    @property
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        """(start, size) of every block within one microbatch."""
+        out, start = [], 0
+        for b in self.blocks:
+            out.append((start, b // self.num_microbatches))
+            start += b // self.num_microbatches
+        return tuple(out)
+
+
+def _layout(cfg: StepConfig, num_rows: int, *, routed: bool) -> _Layout:
+    """The layout of a batch of `num_rows` rows (teacher blocks if `routed`), or a clear error."""
+    blocks = cfg.teacher_rows if routed and cfg.teacher_rows is not None else (num_rows,)
+    if sum(blocks) != num_rows:
+        raise ValueError(
+            f"the batch has {num_rows} rows, but StepConfig.teacher_rows={blocks} sums to "
+            f"{sum(blocks)}: lay the rows out in teacher blocks of those sizes"
+        )
+    rows = cfg.microbatch_rows or num_rows
+    if num_rows % rows:
+        raise ValueError(
+            f"StepConfig.microbatch_rows={rows} does not divide the batch's {num_rows} rows"
+        )
+    m = num_rows // rows
+    group = cfg.group_size if routed else 1  # only scoring needs whole groups (baselines)
+    for k, b in enumerate(blocks):
+        if b % m or (b // m) % group:
+            what = f"teacher {k}'s block of {b} rows" if routed else f"the {b} rows"
+            raise ValueError(
+                f"{what} do not split into {m} microbatches (microbatch_rows={rows}) of whole "
+                f"groups of group_size={group} rows: each part must hold a multiple of "
+                "group_size rows; change microbatch_rows"
+            )
+    return _Layout(tuple(blocks), m)
+
+
+def _constrain_rows(x: jax.Array, mesh: Mesh | None, axis: int = 0) -> jax.Array:
+    """Spread dimension `axis` of x over the mesh's batch axes (those that divide it)."""
+    if mesh is None:
+        return x
+    logical = [None] * x.ndim
+    logical[axis] = "batch"
+    return sharding.constrain(x, logical, mesh)
+
+
+def _split(cfg: StepConfig, tree: Any, layout: _Layout) -> Any:
+    """[B, ...] leaves -> [M, R, ...]: microbatch m holds rows [m b/M, (m+1) b/M) of each block."""
+    m = layout.num_microbatches
+
+    def one(x):
+        parts, start = [], 0
+        for b in layout.blocks:
+            parts.append(x[start : start + b].reshape(m, b // m, *x.shape[1:]))
+            start += b
+        x_MR = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+        return _constrain_rows(x_MR, cfg.mesh, axis=1)
+
+    return jax.tree.map(one, tree)
+
+
+def _unsplit(tree: Any, layout: _Layout) -> Any:
+    """The inverse of `_split`: [M, R, ...] leaves back to [B, ...] in the batch's row order."""
+
+    def one(x_MR):
+        parts = [
+            x_MR[:, start : start + size].reshape(-1, *x_MR.shape[2:])
+            for start, size in layout.spans
+        ]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+    return jax.tree.map(one, tree)
+
+
+def _rows(tree: Any, span: tuple[int, int]) -> Any:
+    start, size = span
+    return jax.tree.map(lambda x: x[start : start + size], tree)
+
+
+def _concat_rows(trees: list[Any]) -> Any:
+    if len(trees) == 1:
+        return trees[0]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *trees)
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def _completion_logprobs(cfg: StepConfig, graphdef, params, rows: Rollout) -> jax.Array:
+    """log pi(y_t | c_t) [R, T] (float32) of some rows' completion tokens under a model."""
+    rows = jax.tree.map(lambda x: _constrain_rows(x, cfg.mesh), rows)
     return scoring.completion_logprobs(
         nnx.merge(graphdef, params),
-        rollout.prompt_tokens,
-        rollout.prompt_mask,
-        rollout.tokens,
-        rollout.mask,
-        vocab_size,
+        rows.prompt_tokens,
+        rows.prompt_mask,
+        rows.tokens,
+        rows.mask,
+        cfg.vocab_size,
+        chunk_size=cfg.logits_chunk,
     )
 
 
-def _route(per_teacher: list[jax.Array], teacher_B: jax.Array) -> jax.Array:
-    """Row b of the result is row b of per_teacher[teacher_B[b]]."""
-    if len(per_teacher) == 1:
-        return per_teacher[0]
-    stacked = jnp.stack(per_teacher)  # [K, B, T]
-    return jnp.take_along_axis(stacked, teacher_B[None, :, None], axis=0)[0]
+# Metrics reduced over microbatches by min / max; every other one is a sum.
+_MIN_METRICS = ("log_ratio_min",)
+_MAX_METRICS = ("log_ratio_max",)
 
 
-def _advantages(cfg: StepConfig, frozen: Frozen, batch: Rollout, student_logp):
-    """Per-row advantages from each row's teacher (and reference), plus diagnostics."""
+def _reduce_metrics(metrics_M: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-microbatch metric shares [M] -> the whole batch's metrics."""
+    reduce = lambda k: jnp.min if k in _MIN_METRICS else jnp.max if k in _MAX_METRICS else jnp.sum
+    return {k: reduce(k)(v, axis=0) for k, v in metrics_M.items()}
+
+
+class _Totals(NamedTuple):
+    """What a microbatch needs of the whole batch: its share of the loss and of every metric."""
+
+    num_rows: int  # rows of the whole batch (static)
+    num_tokens: jax.Array  # response tokens of the whole batch (at least 1)
+
+
+def _advantages(cfg: StepConfig, frozen: Frozen, mb: Rollout, spans, student_logp, totals: _Totals):
+    """Per-row advantages of a microbatch from each row's teacher (and reference), and its share
+    of the diagnostics (sums over its rows divided by the whole batch's counts; min / max)."""
     logp_sg = jax.lax.stop_gradient(student_logp)
+    k_teachers = len(cfg.teachers)
     teacher_logps = [
-        _completion_logprobs(g, p, batch, cfg.vocab_size)
-        for g, p in zip(cfg.teachers, frozen.teachers, strict=True)
+        _completion_logprobs(cfg, g, p, _rows(mb, span))
+        for g, p, span in zip(cfg.teachers, frozen.teachers, spans, strict=True)
     ]
-    ref_logps = [
-        _completion_logprobs(g, p, batch, cfg.vocab_size)
-        for g, p in zip(cfg.references, frozen.references, strict=True)
-    ]
-    advs, log_us, clips = [], [], []
+    ref_logps: list[jax.Array | None] = [None] * k_teachers
+    for j, (g, p) in enumerate(zip(cfg.references, frozen.references, strict=True)):
+        users = [k for k in range(k_teachers) if cfg.reference_of[k] == j]
+        if not users:
+            continue
+        logp = _completion_logprobs(cfg, g, p, _concat_rows([_rows(mb, spans[k]) for k in users]))
+        offset = 0
+        for k in users:
+            ref_logps[k] = logp[offset : offset + spans[k][1]]
+            offset += spans[k][1]
+    advs, log_us, clipped = [], [], []
     for k, lt in enumerate(teacher_logps):
+        mask = _rows(mb.mask, spans[k])
         ref = cfg.reference_of[k]
         est = estimators.estimate(
-            logp_sg,
+            _rows(logp_sg, spans[k]),
             lt,
-            batch.mask,
+            mask,
             divergence=cfg.divergence,
             correction=cfg.correction,
             level=cfg.level,
             discount=cfg.discount,
             reward_scale=cfg.reward_scales[k],
-            ref_logp=None if ref is None else ref_logps[ref],
+            ref_logp=None if ref is None else ref_logps[k],
             log_ratio_clip=cfg.log_ratio_clip,
         )
         advs.append(est.advantages)
         log_us.append(est.log_ratio)
-        clips.append(est.clip_fraction)
-    adv = _route(advs, batch.teacher)
+        # clip_fraction is over this block's response tokens: back to a count.
+        clipped.append(est.clip_fraction * jnp.maximum((mask > 0).sum(), 1))
+    adv = _concat_rows(advs)
     if cfg.baseline is not None:
-        adv = estimators.group_baseline(adv, batch.mask, cfg.group_size, kind=cfg.baseline)
-    teacher_logp = _route(teacher_logps, batch.teacher)
-    log_u = _route(log_us, batch.teacher)
-    fm = (batch.mask > 0).astype(jnp.float32)
-    count = jnp.maximum(fm.sum(), 1.0)
+        adv = estimators.group_baseline(adv, mb.mask, cfg.group_size, kind=cfg.baseline)
+    teacher_logp, log_u = _concat_rows(teacher_logps), _concat_rows(log_us)
+    fm = (mb.mask > 0).astype(jnp.float32)
+    count = totals.num_tokens
     big = jnp.finfo(jnp.float32).max
     stats = {
         "advantage_mean": (adv * fm).sum() / count,
@@ -133,17 +316,64 @@ def _advantages(cfg: StepConfig, frozen: Frozen, batch: Rollout, student_logp):
         "kl_per_token": ((logp_sg - teacher_logp) * fm).sum() / count,
         "log_ratio_min": jnp.min(jnp.where(fm > 0, log_u, big)),
         "log_ratio_max": jnp.max(jnp.where(fm > 0, log_u, -big)),
-        "log_ratio_clip_fraction": jnp.mean(jnp.stack(clips)),
-        "response_length": fm.sum(-1).mean(),
+        "log_ratio_clip_fraction": sum(clipped) / count,
+        "response_length": fm.sum() / totals.num_rows,
     }
     return adv, stats
 
 
-def _update(cfg: StepConfig, opt, state: TrainState, loss_fn):
+def _loss_stats(stats: losses.LossStats) -> dict[str, jax.Array]:
+    return {
+        "ratio_mean": stats.ratio_mean,
+        "ppo_clip_fraction": stats.ppo_clip_fraction,
+        "is_weight_mean": stats.is_weight_mean,
+        "is_truncated_fraction": stats.is_truncated_fraction,
+    }
+
+
+def _totals_and_weights(cfg: StepConfig, batch: Rollout) -> tuple[_Totals, jax.Array]:
+    """The whole batch's response-token count and per-token loss weights [B, T]."""
+    fm = (batch.mask > 0).astype(jnp.float32)
+    totals = _Totals(num_rows=batch.num_rows, num_tokens=jnp.maximum(fm.sum(), 1.0))
+    return totals, losses.aggregation_weights(batch.mask, cfg.aggregation)
+
+
+# ------------------------------------------------------------------------------ microbatches
+
+# A microbatch's loss function: (params, microbatch inputs) -> (loss share, metric shares).
+MicroLoss = Callable[[Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _gradient(cfg: StepConfig, params, loss_fn: MicroLoss, inputs, layout: _Layout):
+    """(loss, grads, metrics) summed over the microbatches of `inputs` ([B, ...] leaves).
+
+    One microbatch: a plain value_and_grad. Several: a `lax.scan` over them, accumulating the
+    gradient in float32 (cast back to the params' dtypes at the end).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if layout.num_microbatches == 1:
+        (loss, metrics), grads = grad_fn(params, inputs)
+        return loss, grads, metrics
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    if cfg.mesh is not None:
+        zeros = jax.lax.with_sharding_constraint(zeros, sharding.param_shardings(params, cfg.mesh))
+
+    def body(carry, mb_inputs):
+        loss_sum, grad_sum = carry
+        (loss, metrics), grads = grad_fn(params, mb_inputs)
+        grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+        return (loss_sum + loss, grad_sum), metrics
+
+    init = (jnp.zeros((), jnp.float32), zeros)
+    (loss, grads), metrics_M = jax.lax.scan(body, init, _split(cfg, inputs, layout))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return loss, grads, _reduce_metrics(metrics_M)
+
+
+def _apply(opt, state: TrainState, loss, grads, aux):
     """Gradient step that is skipped (params and optimizer state kept) if anything is non-finite:
     the loss, the gradient or the update itself (e.g. a NaN learning rate, or an optimizer state
     that overflowed), so a non-finite update never reaches the params or a checkpoint."""
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = opt.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
@@ -158,33 +388,36 @@ def _update(cfg: StepConfig, opt, state: TrainState, loss_fn):
     return new_state, metrics
 
 
-def _loss_stats(stats: losses.LossStats) -> dict[str, jax.Array]:
-    return {
-        "ratio_mean": stats.ratio_mean,
-        "ppo_clip_fraction": stats.ppo_clip_fraction,
-        "is_weight_mean": stats.is_weight_mean,
-        "is_truncated_fraction": stats.is_truncated_fraction,
-    }
+# ------------------------------------------------------------------------------ the steps
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opt"), donate_argnames=("state",))
 def train_step(cfg: StepConfig, opt, state: TrainState, frozen: Frozen, batch: Rollout):
-    """One fused on-policy update: student/teacher/reference forwards, advantages, loss, step."""
+    """One fused on-policy update: student/teacher/reference forwards, advantages, loss, step.
 
-    def loss_fn(params):
-        logp = _completion_logprobs(cfg.student, params, batch, cfg.vocab_size)
-        adv, stats = _advantages(cfg, frozen, batch, logp)
+    `batch` rows in `cfg.teacher_rows` blocks; split into `cfg.microbatch_rows` microbatches.
+    Returns (new state, metrics); the loss, gradient and metrics are those of the whole batch.
+    """
+    layout = _layout(cfg, batch.num_rows, routed=True)
+    totals, weights_BT = _totals_and_weights(cfg, batch)
+
+    def loss_fn(params, inputs):
+        mb, weights = inputs
+        logp = _completion_logprobs(cfg, cfg.student, params, mb)
+        adv, stats = _advantages(cfg, frozen, mb, layout.spans, logp, totals)
         loss, loss_stats = losses.pg_loss_and_stats(
             logp,
             adv,
-            batch.mask,
-            behaviour_logp=batch.behaviour_logp if cfg.tis_cap else None,
+            mb.mask,
+            behaviour_logp=mb.behaviour_logp if cfg.tis_cap else None,
             tis_cap=cfg.tis_cap,
-            aggregation=cfg.aggregation,
+            token_weights=weights,
+            num_tokens=totals.num_tokens,
         )
         return loss, {**stats, **_loss_stats(loss_stats)}
 
-    return _update(cfg, opt, state, loss_fn)
+    loss, grads, metrics = _gradient(cfg, state.params, loss_fn, (batch, weights_BT), layout)
+    return _apply(opt, state, loss, grads, metrics)
 
 
 class Scored(NamedTuple):
@@ -196,28 +429,47 @@ class Scored(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def score_rollout(cfg: StepConfig, params, frozen: Frozen, batch: Rollout):
-    """Old log-probs and advantages of a rollout, fixed for its minibatch updates."""
-    logp = _completion_logprobs(cfg.student, params, batch, cfg.vocab_size)
-    adv, stats = _advantages(cfg, frozen, batch, logp)
-    return Scored(old_logp=logp, advantages=adv), stats
+    """Old log-probs and advantages of a rollout, fixed for its minibatch updates, and the
+    advantage diagnostics. Rows in `cfg.teacher_rows` blocks; scored microbatch by microbatch."""
+    layout = _layout(cfg, batch.num_rows, routed=True)
+    totals, _ = _totals_and_weights(cfg, batch)
+
+    def score(mb):
+        logp = _completion_logprobs(cfg, cfg.student, params, mb)
+        adv, stats = _advantages(cfg, frozen, mb, layout.spans, logp, totals)
+        return (logp, adv), stats
+
+    if layout.num_microbatches == 1:
+        (logp, adv), stats = score(batch)
+        return Scored(old_logp=logp, advantages=adv), stats
+    (logp, adv), stats_M = jax.lax.map(score, _split(cfg, batch, layout))
+    logp, adv = _unsplit((logp, adv), layout)
+    return Scored(old_logp=logp, advantages=adv), _reduce_metrics(stats_M)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opt"), donate_argnames=("state",))
 def update_step(cfg: StepConfig, opt, state: TrainState, batch: Rollout, scored: Scored):
-    """One minibatch update against fixed old log-probs and advantages (PPO clip, TIS)."""
+    """One minibatch update against fixed old log-probs and advantages (PPO clip, TIS), split
+    into `cfg.microbatch_rows` microbatches (any row order: the teachers are not run)."""
+    layout = _layout(cfg, batch.num_rows, routed=False)
+    totals, weights_BT = _totals_and_weights(cfg, batch)
 
-    def loss_fn(params):
-        logp = _completion_logprobs(cfg.student, params, batch, cfg.vocab_size)
+    def loss_fn(params, inputs):
+        mb, mb_scored, weights = inputs
+        logp = _completion_logprobs(cfg, cfg.student, params, mb)
         loss, loss_stats = losses.pg_loss_and_stats(
             logp,
-            scored.advantages,
-            batch.mask,
-            old_logp=scored.old_logp,
-            behaviour_logp=batch.behaviour_logp if cfg.tis_cap else None,
+            mb_scored.advantages,
+            mb.mask,
+            old_logp=mb_scored.old_logp,
+            behaviour_logp=mb.behaviour_logp if cfg.tis_cap else None,
             tis_cap=cfg.tis_cap,
             ppo_clip=cfg.ppo_clip,
-            aggregation=cfg.aggregation,
+            token_weights=weights,
+            num_tokens=totals.num_tokens,
         )
         return loss, _loss_stats(loss_stats)
 
-    return _update(cfg, opt, state, loss_fn)
+    inputs = (batch, scored, weights_BT)
+    loss, grads, metrics = _gradient(cfg, state.params, loss_fn, inputs, layout)
+    return _apply(opt, state, loss, grads, metrics)

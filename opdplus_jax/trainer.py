@@ -22,8 +22,10 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import math
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -127,6 +129,15 @@ def _off_or_positive(value: Any, field: str) -> float | None:
     if isinstance(value, str) or not np.isfinite(float(value)) or float(value) <= 0:
         raise ValueError(f"{field} must be None (off) or a finite number > 0; got {value!r}")
     return float(value)
+
+
+def _off_or_at_least_one(value: Any, field: str) -> int | None:
+    """None (off) or an int >= 1; 0 gets an error naming None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{field} must be None (off) or an int >= 1; got {value!r}")
+    return value
 
 
 # (field, minimum) of every integer setting; a value below the minimum is refused up front
@@ -250,6 +261,95 @@ def validate(config: config_dict.ConfigDict) -> None:
             f"data.batch_size * rollout.num_samples = {b} is not divisible by "
             f"loss.num_minibatches = {config.loss.num_minibatches}"
         )
+    teacher_batch_sizes(config)
+    _check_memory(config.memory)
+
+
+def _check_memory(memory: config_dict.ConfigDict) -> None:
+    if memory.remat == "none":
+        raise ValueError("memory.remat: no rematerialisation is None, not 'none'")
+    if memory.remat is not None and memory.remat not in models.REMAT_POLICIES:
+        raise ValueError(
+            f"memory.remat must be None (off) or one of {', '.join(models.REMAT_POLICIES)}; got "
+            f"{memory.remat!r}"
+        )
+    for field in ("microbatch_rows", "logits_chunk", "attention_chunk"):
+        _off_or_at_least_one(memory[field], f"memory.{field}")
+
+
+def teacher_batch_sizes(config: config_dict.ConfigDict) -> tuple[int, ...]:
+    """Prompts per batch from each teacher's records, in `config.teachers` order: every
+    `teachers.<name>.prompts_per_batch` (summing to data.batch_size), or with none set
+    data.batch_size split equally. ValueError naming the fix otherwise."""
+    names, size = list(config.teachers.keys()), config.data.batch_size
+    shares = [config.teachers[n].get("prompts_per_batch") for n in names]
+    if all(x is None for x in shares):
+        if size % len(names):
+            raise ValueError(
+                f"data.batch_size={size} prompts do not split equally between the "
+                f"{len(names)} teachers ({', '.join(names)}): every batch takes a fixed number "
+                "of prompts per teacher; make data.batch_size a multiple of the number of "
+                "teachers, or set teachers.<name>.prompts_per_batch for every teacher"
+            )
+        return (size // len(names),) * len(names)
+    if any(x is None for x in shares):
+        unset = [n for n, x in zip(names, shares, strict=True) if x is None]
+        raise ValueError(
+            f"teachers.<name>.prompts_per_batch is set for some teachers but not for "
+            f"{', '.join(unset)}: set it for every teacher (summing to data.batch_size) or for "
+            "none (equal shares)"
+        )
+    for n, x in zip(names, shares, strict=True):
+        _off_or_at_least_one(x, f"teachers.{n}.prompts_per_batch")
+    if sum(shares) != size:
+        raise ValueError(
+            f"teachers.<name>.prompts_per_batch = {dict(zip(names, shares, strict=True))} sum "
+            f"to {sum(shares)}, not data.batch_size={size}"
+        )
+    return tuple(shares)
+
+
+def microbatch_rows(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh | None) -> int | None:
+    """Global rows per microbatch of the train step: `memory.microbatch_rows` (per device) times
+    the devices of the mesh's batch axes (data x fsdp; 1 without a mesh); None for the whole
+    batch at once.
+    ValueError naming the fix unless every (mini)batch and every teacher's block of rows splits
+    into whole microbatches of whole prompt groups."""
+    per_device = _off_or_at_least_one(config.memory.microbatch_rows, "memory.microbatch_rows")
+    if per_device is None:
+        return None
+    n = config.rollout.num_samples
+    shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
+    rows, batch = per_device * shards, config.data.batch_size * n
+    what = (
+        f"memory.microbatch_rows={per_device} rows per device x {shards} devices on the mesh's "
+        f"batch axes = {rows} rows per microbatch"
+    )
+    if rows % n:
+        raise ValueError(
+            f"{what} is not a multiple of rollout.num_samples={n}: a microbatch must hold whole "
+            "groups of a prompt's samples (the group baselines need them); change "
+            "memory.microbatch_rows"
+        )
+    minibatch = batch // config.loss.num_minibatches
+    if batch % rows or minibatch % rows:
+        raise ValueError(
+            f"{what} does not divide the {batch} rows of a batch (data.batch_size x "
+            f"rollout.num_samples)"
+            + (f" split into {config.loss.num_minibatches} minibatches of {minibatch}"
+               if config.loss.num_minibatches > 1 else "")
+            + ": change memory.microbatch_rows or data.batch_size, or set it to None"
+        )  # fmt: skip
+    m = batch // rows
+    for name, prompts in zip(config.teachers, teacher_batch_sizes(config), strict=True):
+        if prompts % m:
+            raise ValueError(
+                f"{what} splits a batch into {m} microbatches, each with an equal share of "
+                f"every teacher's prompts, but teacher {name!r} has {prompts} prompts per batch: "
+                f"make each teacher's prompts per batch a multiple of {m}, or change "
+                "memory.microbatch_rows"
+            )
+    return rows
 
 
 def eval_set(config, tokenizer: Tokenizer) -> tuple[list[dict], list[list[int]]]:
@@ -300,13 +400,32 @@ def _check_scores_like_student(what: str, path: str, tokenizer, student_cfg, mod
         ) from None
 
 
-def _step_config(config, student, teachers, references, reference_of, vocab_size):
-    est = config.estimator
-    graphdef = lambda m: nnx.split(m, nnx.Param)[0]
+def step_config(
+    config: config_dict.ConfigDict,
+    *,
+    student: nnx.GraphDef,
+    teachers: Sequence[nnx.GraphDef],
+    references: Sequence[nnx.GraphDef],
+    reference_of: Sequence[int | None],
+    vocab_size: int,
+    mesh: jax.sharding.Mesh | None,
+) -> train_step.StepConfig:
+    """The train step's static config for `config`, from the models' graphdefs (no weights).
+
+    `Trainer.setup` builds its step config here; an ahead-of-time planner calls it with abstract
+    models' graphdefs. `teachers` follow `config.teachers`; `references` are the distinct
+    references and `reference_of[k]` is teacher k's index into them (None: no reference).
+    Teacher k's rows are one block of prompts_per_batch x num_samples rows (`teacher_rows`,
+    with several teachers); `microbatch_rows` is `memory.microbatch_rows` per device on
+    `mesh`'s batch axes (see `microbatch_rows`). Raises ValueError for a config it cannot run.
+    """
+    validate(config)
+    est, n = config.estimator, config.rollout.num_samples
+    teacher_rows = tuple(p * n for p in teacher_batch_sizes(config))
     return train_step.StepConfig(
-        student=graphdef(student),
-        teachers=tuple(graphdef(m) for m in teachers),
-        references=tuple(graphdef(m) for m in references),
+        student=student,
+        teachers=tuple(teachers),
+        references=tuple(references),
         reward_scales=tuple(float(t.reward_scale) for t in config.teachers.values()),
         reference_of=tuple(reference_of),
         vocab_size=vocab_size,
@@ -316,10 +435,14 @@ def _step_config(config, student, teachers, references, reference_of, vocab_size
         discount=float(est.discount),
         log_ratio_clip=_off_or_positive(est.log_ratio_clip, "estimator.log_ratio_clip"),
         baseline=est.baseline,
-        group_size=config.rollout.num_samples,
+        group_size=n,
         aggregation=config.loss.aggregation,
         ppo_clip=_off_or_positive(config.loss.ppo_clip, "loss.ppo_clip"),
         tis_cap=_off_or_positive(config.loss.tis_cap, "loss.tis_cap"),
+        teacher_rows=teacher_rows if len(teacher_rows) > 1 else None,
+        microbatch_rows=microbatch_rows(config, mesh),
+        logits_chunk=config.memory.logits_chunk,
+        mesh=mesh,
     )
 
 
@@ -375,13 +498,16 @@ class Trainer:
         the mesh (`mesh` overrides `config.mesh`, e.g. a sub-mesh) and checks vocabularies."""
         validate(config)
         mesh = mesh if mesh is not None else sharding.make_mesh(dict(config.mesh))
+        microbatch_rows(config, mesh)  # the layout fits the mesh: checked before any model loads
         kw = {
             "dtype": _dtype(config.student.dtype, "student.dtype"),
             "param_dtype": _dtype(config.student.param_dtype, "student.param_dtype"),
             "mesh": mesh,
+            "attention_chunk_size": config.memory.attention_chunk,
         }
         student_path = _require_dir(config.student.path, "student.path")
-        student = models.from_pretrained(student_path, **kw)
+        # Only the student is differentiated: the remat policy is its alone.
+        student = models.from_pretrained(student_path, **kw, remat=config.memory.remat)
         tokenizer = Tokenizer.from_pretrained(config.tokenizer_path or student_path)
         teachers, references, reference_of, ref_index = [], [], [], {}
         for name, t in config.teachers.items():
@@ -404,8 +530,15 @@ class Trainer:
                 ref_index[t.reference] = len(references)
                 references.append(ref)
             reference_of.append(ref_index[t.reference])
-        step_cfg = _step_config(
-            config, student, teachers, references, reference_of, tokenizer.vocab_size
+        graphdef = lambda m: nnx.split(m, nnx.Param)[0]
+        step_cfg = step_config(
+            config,
+            student=graphdef(student),
+            teachers=[graphdef(m) for m in teachers],
+            references=[graphdef(m) for m in references],
+            reference_of=reference_of,
+            vocab_size=tokenizer.vocab_size,
+            mesh=mesh,
         )
         frozen = train_step.Frozen(
             teachers=tuple(nnx.split(m, nnx.Param)[1] for m in teachers),
@@ -445,8 +578,21 @@ class Trainer:
 
     def update(self, state: train_step.TrainState, rollout: Rollout):
         """One fused step, or `loss.num_minibatches` PPO-style minibatch updates against the
-        log-probs and advantages fixed before the first: (new state, metrics)."""
+        log-probs and advantages fixed before the first: (new state, metrics).
+
+        With several teachers the rows must come in the step's static teacher blocks
+        (`step_cfg.teacher_rows`, as the run's data pipeline lays out its batches): checked here,
+        since the step routes rows by position, not by `rollout.teacher`."""
         cfg, opt, k = self.step_cfg, self.optimizer, self.config.loss.num_minibatches
+        if cfg.teacher_rows is not None:
+            expect = np.repeat(np.arange(len(cfg.teacher_rows)), cfg.teacher_rows)
+            got = sharding.host_array(rollout.teacher)
+            if got.shape != expect.shape or not np.array_equal(got, expect):
+                raise ValueError(
+                    f"the rollout's rows must come in teacher blocks of {cfg.teacher_rows} rows "
+                    f"(teacher 0's first), got teachers {got.tolist()}: draw the prompts with "
+                    "data.PromptPipeline(teacher_batch_sizes=trainer.teacher_batch_sizes(config))"
+                )
         batch = sharding.shard_batch(rollout, self.mesh)
         if k == 1:
             return train_step.train_step(cfg, opt, state, self.frozen, batch)
@@ -488,7 +634,10 @@ class Trainer:
                 out = logp if out is None else jnp.where((routes == k)[:, None], logp, out)
             return out
         model = (self.step_cfg.teachers[teacher], self.frozen.teachers[teacher])
-        return scoring.rollout_logprobs(model, rollout, vocab_size=self.step_cfg.vocab_size)
+        cfg = self.step_cfg
+        return scoring.rollout_logprobs(
+            model, rollout, vocab_size=cfg.vocab_size, chunk_size=cfg.logits_chunk
+        )
 
     # ------------------------------------------------------------------------------ evaluation
 
@@ -624,6 +773,10 @@ class Trainer:
             max_prompt_len=config.rollout.max_prompt_len,
             seed=config.seed,
             teachers=self.teacher_names,  # a record naming another teacher is an error
+            # Several teachers: every batch is a fixed block of prompts per teacher.
+            teacher_batch_sizes=teacher_batch_sizes(config)
+            if len(self.teacher_names) > 1
+            else None,
             system_prompt=config.data.system_prompt,
         )
         examples, eval_prompts = self.eval_set()

@@ -209,6 +209,56 @@ def test_teacher_errors_and_remainder(tok, examples):
     assert [len(b["answer"]) for b in evalp] == [25, 25, 10]
 
 
+def test_per_teacher_batches_are_static_blocks(tok, examples):
+    """Every batch: 4 prompts of teacher 0 (40 records), then 2 of teacher 1 (20 records); each
+    teacher's stream covers all its records once per its own epoch, deterministically, and
+    resumes where it stopped."""
+    kw = {"batch_size": 6, "max_prompt_len": 32, "seed": 5, "teachers": ["math", "strings"],
+          "teacher_batch_sizes": [4, 2]}  # fmt: skip
+    full = _drain(data.PromptPipeline(examples, tok, **kw), 25)
+    for batch in full:
+        np.testing.assert_array_equal(batch["teacher"], [0, 0, 0, 0, 1, 1])
+        assert batch["teacher_name"][4:] == ["strings"] * 2
+    for k, (lo, hi, n) in enumerate(((0, 4, 40), (4, 6, 20))):
+        order = np.concatenate([b["index"][lo:hi] for b in full[:10]])
+        assert sorted(order) == sorted(i for i, ex in enumerate(examples)
+                                       if (ex.teacher == "strings") == bool(k))  # fmt: skip
+        assert len(order) == n
+    assert not np.array_equal(full[0]["index"], full[10]["index"])  # re-shuffled per epoch
+    _same(full, _drain(data.PromptPipeline(examples, tok, **kw), 25))
+    first = data.PromptPipeline(examples, tok, **kw)
+    head = _drain(first, 12)
+    state = json.loads(json.dumps(first.get_state()))
+    assert state["epoch"] == 1  # the teacher-0 stream is in its second pass
+    resumed = data.PromptPipeline(examples, tok, **kw)
+    resumed.set_state(state)
+    _same(full, head + _drain(resumed, 13))
+    mixed = data.PromptPipeline(examples, tok, **{**kw, "teacher_batch_sizes": None})
+    with pytest.raises(ValueError, match=r"teacher_batch_sizes: saved \[4, 2\], now None"):
+        mixed.set_state(state)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "match"),
+    [
+        ([3, 2], r"must be ints >= 1 summing to batch_size=6"),
+        ([6, 0], r"must be ints >= 1 summing to batch_size=6"),
+        ([6], "needs one size per name in teachers"),
+    ],
+)
+def test_bad_teacher_batch_sizes(tok, examples, sizes, match):
+    with pytest.raises(ValueError, match=match):
+        data.PromptPipeline(examples, tok, batch_size=6, max_prompt_len=32,
+                            teachers=["math", "strings"], teacher_batch_sizes=sizes)  # fmt: skip
+
+
+def test_a_teacher_without_records_cannot_fill_its_block(tok, examples):
+    with pytest.raises(ValueError, match="no record \\(of 60 kept\\) names teacher 'code'"):
+        data.PromptPipeline(examples, tok, batch_size=6, max_prompt_len=32,
+                            teachers=["math", "strings", "code"],
+                            teacher_batch_sizes=[2, 2, 2])  # fmt: skip
+
+
 def test_load_from_file(tmp_path, tok, examples):
     path = tmp_path / "train.jsonl"
     tasks.write_jsonl(examples, path)

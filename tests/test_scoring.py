@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -110,3 +111,55 @@ def test_bad_shapes_raise_value_errors():
         scoring.token_logprobs(model, prompt, prompt_mask, completion[:2], completion_mask[:2])
     with pytest.raises(TypeError, match=r"nnx\.Module"):
         scoring.token_logprobs(object(), prompt, prompt_mask, completion, completion_mask)
+
+
+# ------------------------------------------------------------------ chunked output layer
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 64])
+def test_chunked_logprobs_equal_the_unchunked_ones(chunk_size):
+    """Chunks that divide T, that do not (T is padded), and one larger than T."""
+    model, ref = fixture()
+    args = split_reference(ref)
+    expect = np.asarray(scoring.token_logprobs(model, *args))
+    got = scoring.token_logprobs(model, *args, chunk_size=chunk_size)
+    np.testing.assert_allclose(np.asarray(got), expect, atol=1e-6)
+    sharded, _ = fixture("qwen3_untied", (("fsdp", 8),))
+    rollout = types.SimpleNamespace(**dict(zip(("prompt_tokens", "prompt_mask", "tokens",
+                                                 "mask"), args, strict=True)))  # fmt: skip
+    got = scoring.rollout_logprobs(sharded, rollout, chunk_size=chunk_size)
+    np.testing.assert_allclose(np.asarray(got), expect, atol=1e-5)
+
+
+def test_chunked_logprobs_have_the_unchunked_gradient():
+    cfg = models.qwen3_config(
+        vocab_size=96, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1
+    )
+    graphdef, params = nnx.split(models.CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    rng = np.random.default_rng(0)
+    B, P, T = 3, 5, 29
+    prompt = jnp.asarray(rng.integers(1, 90, (B, P)), jnp.int32)
+    tokens = jnp.asarray(rng.integers(1, 90, (B, T)), jnp.int32)
+    mask = jnp.asarray(np.arange(T)[None] < np.array([[T], [17], [4]]), jnp.int32)
+    weight_T = jnp.linspace(-1.0, 2.0, T)  # a loss that weighs every position differently
+
+    def loss(p, chunk):
+        logp = scoring.completion_logprobs(
+            nnx.merge(graphdef, p), prompt, jnp.ones_like(prompt), tokens, mask, 90,
+            chunk_size=chunk,
+        )  # fmt: skip
+        return (logp * weight_T).sum(), logp
+
+    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+    (g_full, logp_full), (g_chunk, logp_chunk) = grad(params, None), grad(params, 8)
+    np.testing.assert_allclose(logp_chunk, logp_full, atol=1e-5)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_full))
+    for a, b in zip(jax.tree.leaves(g_chunk), jax.tree.leaves(g_full), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale)
+
+
+def test_bad_chunk_size_is_a_value_error():
+    model, ref = fixture()
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="chunk_size must be None"):
+            scoring.token_logprobs(model, *split_reference(ref), chunk_size=bad)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from opdplus_jax import (
     configs,
@@ -94,10 +95,10 @@ def test_resume_gives_identical_parameters(assets, tmp_path):
         assert json.load(f)["train"]["num_steps"] == 2
 
 
-def _rollout(run, seed=0):
+def _rollout(run, seed=0, teacher=(0, 1, 0, 1)):
     prompts_batch = {
         "prompt_tokens": [[2, 5, 40 + i, 41, 3, 6] for i in range(4)],
-        "teacher": np.array([0, 1, 0, 1], np.int32),
+        "teacher": np.array(teacher, np.int32),
     }
     rollout = run.rollout(run.init_state().params, prompts_batch, jax.random.key(seed))
     return jax.device_get(rollout)
@@ -121,17 +122,20 @@ def test_rollout_rows_are_prompt_major_with_ids(assets):
 
 
 @pytest.mark.parametrize(
-    "layout",
+    ("layout", "memory"),
     [
-        {"fsdp": 8},
-        {"fsdp": 4, "tensor": 2},
-        pytest.param({"data": 2, "fsdp": 4}, marks=pytest.mark.slow),
+        ({"fsdp": 8}, {}),
+        # 2 microbatches of 1 row per device (4 rows, 2 prompt groups), logits in chunks of 3.
+        ({"fsdp": 4, "tensor": 2}, {"memory.microbatch_rows": 1, "memory.logits_chunk": 3}),
+        pytest.param({"data": 2, "fsdp": 4}, {}, marks=pytest.mark.slow),
     ],
 )
-def test_train_step_on_a_mesh_equals_one_device(assets, layout):
+def test_train_step_on_a_mesh_equals_one_device(assets, layout, memory):
     config = _config(assets)
     one = trainer.Trainer.setup(config, mesh=_one_device())
-    many = trainer.Trainer.setup(config, mesh=sharding.make_mesh(layout))
+    many = trainer.Trainer.setup(_config(assets, **memory), mesh=sharding.make_mesh(layout))
+    if memory:
+        assert many.step_cfg.microbatch_rows == 4 and many.step_cfg.logits_chunk == 3
     rollout = _rollout(one)
     rollout = rollout.replace(teacher=np.zeros_like(rollout.teacher))
     results = []
@@ -146,13 +150,17 @@ def test_train_step_on_a_mesh_equals_one_device(assets, layout):
     assert any(len({s.data.shape for s in x.addressable_shards} - {x.shape}) for x in leaves)
 
 
-def test_multi_teacher_routing_uses_each_rows_teacher(assets):
-    multi = _config(assets)
-    multi = multi.unlock()
+def _two_teachers(assets, **overrides):
+    multi = _config(assets, **overrides).unlock()
     multi.teachers.second = default_config.teacher(str(assets / "teacher2"))
-    multi.lock()
-    run = trainer.Trainer.setup(multi, mesh=_one_device())
-    rollout = _rollout(run)
+    return multi.lock()
+
+
+def test_multi_teacher_routing_uses_each_rows_teacher(assets):
+    run = trainer.Trainer.setup(_two_teachers(assets), mesh=_one_device())
+    # Each teacher scores its static block: 2 prompts x 2 samples each, teacher 0's first.
+    assert run.step_cfg.teacher_rows == (4, 4)
+    rollout = _rollout(run, teacher=(0, 0, 1, 1))
     params = run.init_state().params
     routed, _ = train_step.score_rollout(run.step_cfg, params, run.frozen, rollout)
     for k in range(2):  # each teacher alone, applied to the whole batch
@@ -162,8 +170,72 @@ def test_multi_teacher_routing_uses_each_rows_teacher(assets):
         )
         alone, _ = train_step.score_rollout(single.step_cfg, params, single.frozen, rollout)
         rows = rollout.teacher == k
-        np.testing.assert_allclose(routed.advantages[rows], alone.advantages[rows], rtol=1e-5)
+        np.testing.assert_allclose(
+            routed.advantages[rows], alone.advantages[rows], rtol=1e-5, atol=1e-6
+        )
         assert not np.allclose(routed.advantages[~rows], alone.advantages[~rows])
+    # The step routes rows by position: a rollout out of the blocks' order is refused.
+    with pytest.raises(ValueError, match=r"teacher blocks of \(4, 4\) rows"):
+        run.update(run.init_state(), _rollout(run, teacher=(0, 1, 0, 1)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"data.batch_size": 3}, "data.batch_size=3 prompts do not split equally between the 2"),
+        ({"teachers.default.prompts_per_batch": 3}, "set it for every teacher"),
+    ],
+)
+def test_teacher_shares_must_fill_the_batch(assets, overrides, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        trainer.validate(_two_teachers(assets, **overrides))
+    shares = _two_teachers(assets, **{"data.batch_size": 3})
+    shares.teachers.default.prompts_per_batch = 1
+    shares.teachers.second.prompts_per_batch = 2
+    assert trainer.teacher_batch_sizes(shares) == (1, 2)
+    shares.teachers.second.prompts_per_batch = 3
+    with pytest.raises(ValueError, match=re.escape("sum to 4, not data.batch_size=3")):
+        trainer.validate(shares)
+
+
+def test_step_config_is_built_from_graphdefs_without_weights(assets):
+    """What an ahead-of-time planner calls: abstract models, no weights loaded."""
+    abstract = lambda seed: nnx.eval_shape(
+        lambda: models.CausalLM(_model_config(), rngs=nnx.Rngs(seed))
+    )
+    graphdef = lambda m: nnx.split(m, nnx.Param)[0]
+    mesh = sharding.make_mesh({"fsdp": 2}, jax.devices()[:2])
+    build = lambda config: trainer.step_config(
+        config,
+        student=graphdef(abstract(0)),
+        teachers=[graphdef(abstract(1)), graphdef(abstract(2))],
+        references=[],
+        reference_of=[None, None],
+        vocab_size=tiny_run.VOCAB,
+        mesh=mesh,
+    )
+    # 2 rows per device x 2 devices: 2 microbatches of 4 rows, 2 of each teacher's 4.
+    cfg = build(_two_teachers(assets, **{"memory.microbatch_rows": 2}))
+    assert cfg.teacher_rows == (4, 4) and cfg.microbatch_rows == 4 and cfg.mesh is mesh
+    assert cfg.logits_chunk == 512 and cfg.group_size == 2
+    # 1 row per device: 4 microbatches, but each teacher has only 2 prompts to share out.
+    with pytest.raises(ValueError, match="teacher 'default' has 2 prompts per batch: make each"):
+        build(_two_teachers(assets, **{"memory.microbatch_rows": 1}))
+
+
+def test_memory_settings_reach_the_models_and_leave_the_step_unchanged(assets):
+    """memory.remat rematerialises the student only (the one differentiated); attention chunks
+    apply to every model; the step's result does not depend on either."""
+    plain = trainer.Trainer.setup(_config(assets), mesh=_one_device())
+    config = _config(assets, **{"memory.remat": "full", "memory.attention_chunk": 4})
+    run = trainer.Trainer.setup(config, mesh=_one_device())
+    teacher = nnx.merge(run.step_cfg.teachers[0], run.frozen.teachers[0])
+    assert run.student.remat == "full" and teacher.remat is None
+    assert run.student.attention_chunk_size == teacher.attention_chunk_size == 4
+    rollout = jax.tree.map(jnp.asarray, _rollout(plain, teacher=(0, 0, 0, 0)))
+    (a, out_a), (b, out_b) = (r.update(r.init_state(), rollout) for r in (run, plain))
+    chex.assert_trees_all_close(jax.device_get(a.params), jax.device_get(b.params), atol=1e-5)
+    np.testing.assert_allclose(out_a["loss"], out_b["loss"], rtol=1e-5)
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(assets, tmp_path):
@@ -298,6 +370,10 @@ def test_equal_optimizer_settings_share_one_optimizer_object():
         ("loss.tis_cap", 0.0),
         ("loss.ppo_clip", -0.2),
         ("teachers.default.reference", "none"),
+        ("memory.remat", "none"),
+        ("memory.microbatch_rows", 0),
+        ("memory.logits_chunk", 0),
+        ("memory.attention_chunk", 0),
     ],
 )
 def test_off_is_spelt_none(assets, tmp_path, field, old):
@@ -387,6 +463,12 @@ def test_a_refused_resume_writes_nothing(assets, tmp_path):
         ("estimator.discount", 1.5, "estimator.discount must be in"),
         ("estimator.level", "tokens", "estimator.level must be one of"),
         ("loss.aggregation", "token_meen", "did you mean 'token_mean'"),
+        ("memory.remat", "fulll", "memory.remat must be None (off) or one of full, save_dots"),
+        ("memory.logits_chunk", -8, "memory.logits_chunk must be None (off) or an int >= 1"),
+        ("teachers.default.prompts_per_batch", 3, "sum to 3, not data.batch_size=4"),
+        # 8 rows of 4 prompts x 2 samples, on one device:
+        ("memory.microbatch_rows", 3, "3 rows per microbatch is not a multiple of rollout."),
+        ("memory.microbatch_rows", 6, "6 rows per microbatch does not divide the 8 rows"),
     ],
 )
 def test_bad_settings_are_refused_before_any_model_loads(assets, tmp_path, field, value, match):

@@ -38,10 +38,12 @@ def _base() -> config_dict.ConfigDict:
     c.student.param_dtype = "float32"  # master weights
     c.tokenizer_path = ""  # defaults to the student folder
 
-    # Teachers by name. Each: checkpoint folder, reference model and reward scale lambda (G-OPD).
-    # reference: None (no reference model; needs lambda = 1), "student_init" (the student's
-    # initial weights) or a checkpoint folder (e.g. the teacher's pre-RL base: "reward
-    # correction").
+    # Teachers by name. Each: checkpoint folder, reference model and reward scale lambda (G-OPD),
+    # and its prompts per batch. reference: None (no reference model; needs lambda = 1),
+    # "student_init" (the student's initial weights) or a checkpoint folder (e.g. the teacher's
+    # pre-RL base: "reward correction"). prompts_per_batch: every batch takes this many prompts
+    # from the teacher's records (None for every teacher: data.batch_size split equally), so
+    # each teacher scores only its own static block of rows.
     c.teachers = config_dict.ConfigDict()
     c.teachers.default = teacher("")
 
@@ -93,6 +95,21 @@ def _base() -> config_dict.ConfigDict:
     c.data.batch_size = 8  # prompts per step (x num_samples responses)
     c.data.system_prompt = config_dict.placeholder(str)
 
+    # Memory of the train step (opdplus_jax.train_step); the results do not depend on them.
+    c.memory = config_dict.ConfigDict()
+    # Rematerialisation of the student's layers in the backward: None (off) | full | save_dots |
+    # offload (models.REMAT_POLICIES). Teachers and references run forward only.
+    c.memory.remat = config_dict.placeholder(str)
+    # Rollout rows PER DEVICE per microbatch of the step (a lax.scan accumulating the gradient;
+    # the global microbatch is this times the mesh's data x fsdp devices); None = the whole
+    # batch at once.
+    c.memory.microbatch_rows = config_dict.placeholder(int)
+    # Completion positions per output-layer chunk: at most [rows, chunk, vocab] float32 logits
+    # are live (0.3 GiB per row at 512 x 151936). None = all positions at once.
+    c.memory.logits_chunk = config_dict.FieldReference(512, field_type=int)
+    # Queries per attention chunk in every model's full forward; None = unchunked.
+    c.memory.attention_chunk = config_dict.FieldReference(1024, field_type=int)
+
     # Mesh (opdplus_jax.sharding): -1 takes the remaining devices.
     c.mesh = config_dict.ConfigDict()
     c.mesh.data = 1
@@ -125,15 +142,23 @@ def _base() -> config_dict.ConfigDict:
 
 
 def teacher(
-    path: str, *, reward_scale: float = 1.0, reference: str | None = None
+    path: str,
+    *,
+    reward_scale: float = 1.0,
+    reference: str | None = None,
+    prompts_per_batch: int | None = None,
 ) -> config_dict.ConfigDict:
-    """One entry of `config.teachers`: checkpoint folder, reward scale lambda, reference model.
+    """One entry of `config.teachers`: checkpoint folder, reward scale lambda, reference model,
+    and its prompts per batch.
 
     Args:
       path: the teacher's Hugging Face checkpoint folder.
       reward_scale: G-OPD's lambda; 1 is plain OPD, any other value needs a reference.
       reference: None (no reference model), "student_init" (the student's initial weights) or a
         checkpoint folder. Kept a typed reference, so that overriding None checks the type.
+      prompts_per_batch: prompts of every batch drawn from this teacher's records (its rows are
+        one static block of the batch). None for every teacher splits data.batch_size equally;
+        set it for every teacher (summing to data.batch_size) for other shares.
 
     Returns:
       An unlocked ConfigDict, to be assigned to `config.teachers.<name>`.
@@ -142,6 +167,7 @@ def teacher(
     t.path = path
     t.reward_scale = reward_scale
     t.reference = config_dict.FieldReference(reference, field_type=str)
+    t.prompts_per_batch = config_dict.FieldReference(prompts_per_batch, field_type=int)
     return t
 
 
@@ -199,6 +225,12 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
         c.loss.tis_cap = 2.0
         c.mesh.data = -1
         c.mesh.fsdp = 8
+        # 512 rows of 1024 + 8192 tokens: one row per device per microbatch, every student layer
+        # recomputed in the backward, [1, 512, 151936] float32 logits at a time (0.3 GiB).
+        c.memory.microbatch_rows = 1
+        c.memory.remat = "full"
+        c.memory.logits_chunk = 512
+        c.memory.attention_chunk = 1024
         c.train.num_steps = 500
         c.eval.max_new_tokens = 8192
         c.eval.num_samples = 8

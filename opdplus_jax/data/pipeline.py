@@ -13,6 +13,12 @@ JSON-serialisable dict (grain's iterator state, batches served, epoch and a fing
 and settings); `set_state` on a pipeline built the same way resumes with exactly the batches an
 uninterrupted run would have seen, and refuses a state saved with other data or settings.
 
+Per-teacher batches (`PromptPipeline(teacher_batch_sizes=...)`): every batch takes a fixed
+number of prompts from each teacher's records, teacher 0's first, then teacher 1's, ..., so the
+train step can route static row blocks to the teachers (`train_step.StepConfig.teacher_rows`).
+Each teacher's records are then their own shuffled, repeated stream (seed + teacher index), and
+batch i concatenates batch i of every stream: deterministic and resumable as above.
+
 `PromptPipeline` batches (B = batch_size, P = max_prompt_len)::
 
     prompt_tokens  list of B int lists   chat-templated prompt ids, ragged (no padding)
@@ -101,6 +107,7 @@ class _BatchStream:
         drop_remainder: bool,
         read_options: grain.ReadOptions | None,
         settings: dict[str, Any],
+        strata: Sequence[int] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -114,11 +121,20 @@ class _BatchStream:
             )
         self.batch_size = batch_size
         self.num_examples = n
-        ds = grain.MapDataset.source(items)
-        if shuffle:
-            ds = ds.shuffle(seed=seed)
-        ds = ds.repeat(num_epochs).map_with_index(lambda i, item: (i // n, item))
-        self._dataset = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=self._collate)
+        if strata is None:
+            self._strata = None
+            ds = grain.MapDataset.source(items)
+            if shuffle:
+                ds = ds.shuffle(seed=seed)
+            ds = ds.repeat(num_epochs).map_with_index(lambda i, item: (i // n, item))
+            self._dataset = ds.batch(
+                batch_size, drop_remainder=drop_remainder, batch_fn=self._collate
+            )
+        else:
+            self._dataset, self._strata = self._stratified(
+                items, strata, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                drop_remainder=drop_remainder,
+            )  # fmt: skip
         self._read_options = read_options or grain.ReadOptions(
             num_threads=0, prefetch_buffer_size=0
         )
@@ -137,6 +153,35 @@ class _BatchStream:
         }
         self._iterator = iter(self._dataset.to_iter_dataset(self._read_options))
         self._batches = 0
+
+    def _stratified(self, items, sizes, *, seed, shuffle, num_epochs, drop_remainder):
+        """Batch i = batch i of teacher 0's stream (sizes[0] items), then of teacher 1's, ...;
+        returns the dataset and (batch size, number of items) per teacher."""
+        if sum(sizes) != self.batch_size or any(size < 1 for size in sizes):
+            raise ValueError(
+                f"teacher_batch_sizes={list(sizes)} must be ints >= 1 summing to batch_size="
+                f"{self.batch_size}"
+            )
+        if not drop_remainder:
+            raise ValueError("teacher_batch_sizes needs drop_remainder=True (fixed-size blocks)")
+        parts, strata = [], []
+        for k, size in enumerate(sizes):
+            own = [item for item in items if item["teacher"] == k]
+            if num_epochs is not None and len(own) * num_epochs < size:
+                raise ValueError(
+                    f"teacher {k} has only {len(own)} examples x {num_epochs} epoch(s), fewer "
+                    f"than its {size} prompts per batch"
+                )
+            ds = grain.MapDataset.source(own)
+            if shuffle:
+                ds = ds.shuffle(seed=seed + k)
+            m = len(own)
+            ds = ds.repeat(num_epochs).map_with_index(lambda i, item, m=m: (i // m, item))
+            parts.append(ds.batch(size, drop_remainder=drop_remainder, batch_fn=list))
+            strata.append((size, m))
+        length = min(len(part) for part in parts)
+        concat = lambda i: self._collate([row for part in parts for row in part[i]])
+        return grain.MapDataset.range(length).map(concat), tuple(strata)
 
     def _collate(self, rows: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
         raise NotImplementedError
@@ -169,11 +214,18 @@ class _BatchStream:
 
     @property
     def batches_per_epoch(self) -> float:
+        """Batches per pass over the data (per-teacher batches: over the teacher whose records
+        run out first)."""
+        if self._strata is not None:
+            return min(m / size for size, m in self._strata)
         return self.num_examples / self.batch_size
 
     @property
     def epoch(self) -> int:
-        """Epoch of the next example to be served (0-based)."""
+        """Epoch of the next example to be served (0-based; per-teacher batches: the most
+        advanced teacher stream's)."""
+        if self._strata is not None:
+            return max(self._batches * size // m for size, m in self._strata)
         return self._batches * self.batch_size // self.num_examples
 
     def get_state(self) -> dict[str, Any]:
@@ -213,6 +265,9 @@ class PromptPipeline(_BatchStream):
       num_epochs: passes over the data; None repeats forever.
       teachers: teacher names; a record's ``teacher`` maps to its index (unknown => ValueError;
         absent => 0). None: single teacher, every index 0.
+      teacher_batch_sizes: prompts per batch from each teacher's records (one int >= 1 per
+        name in `teachers`, summing to batch_size): every batch is teacher 0's prompts, then
+        teacher 1's, ... (see the module docstring). None: batches of the shuffled mix.
       drop_remainder: only full batches (default); False keeps a final smaller batch.
       require_answer: records must have an ``answer`` (rewards and eval need it).
       system_prompt: optional system turn before every prompt.
@@ -230,11 +285,19 @@ class PromptPipeline(_BatchStream):
         shuffle: bool = True,
         num_epochs: int | None = None,
         teachers: Sequence[str] | None = None,
+        teacher_batch_sizes: Sequence[int] | None = None,
         drop_remainder: bool = True,
         require_answer: bool = True,
         system_prompt: str | None = None,
         read_options: grain.ReadOptions | None = None,
     ):
+        if teacher_batch_sizes is not None and (
+            teachers is None or len(teacher_batch_sizes) != len(teachers)
+        ):
+            raise ValueError(
+                f"teacher_batch_sizes={teacher_batch_sizes!r} needs one size per name in "
+                f"teachers={teachers!r}"
+            )
         required = ("prompt", "answer") if require_answer else ("prompt",)
         records, where = records_from(source, required=required)
         teacher_ids = _teacher_indices(records, teachers, where)
@@ -252,6 +315,13 @@ class PromptPipeline(_BatchStream):
         self.max_prompt_len = max_prompt_len
         self.pad_id = tokenizer.pad_id
         self.teachers = None if teachers is None else list(teachers)
+        for k, size in enumerate(teacher_batch_sizes or ()):
+            if not any(item["teacher"] == k for item in items):
+                raise ValueError(
+                    f"{where}: no record (of {len(items)} kept) names teacher {teachers[k]!r}, "
+                    f"but every batch needs {size} of its prompts: add its records or drop the "
+                    "teacher"
+                )
         super().__init__(
             items,
             batch_size=batch_size,
@@ -264,7 +334,11 @@ class PromptPipeline(_BatchStream):
                 "kind": "prompt",
                 "max_prompt_len": max_prompt_len,
                 "teachers": self.teachers,
+                "teacher_batch_sizes": None
+                if teacher_batch_sizes is None
+                else [int(x) for x in teacher_batch_sizes],
             },
+            strata=None if teacher_batch_sizes is None else tuple(teacher_batch_sizes),
         )
 
     def _collate(self, rows):

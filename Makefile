@@ -1,13 +1,13 @@
 # Common developer commands. Every target sets up .venv first (cheap when already done).
 PY := .venv/bin/python
 
-.PHONY: setup lock test test-all lint format demo report bench clean
+.PHONY: setup lock test test-all lint format demo report plan bench clean
 
 setup:  ## .venv with the exact versions of requirements.lock, and the package (editable)
 	@bash scripts/setup.sh
 
 lock:  ## re-resolve requirements.lock from setup.py's ranges (then: make test, make demo)
-	@bash scripts/lock.sh
+	@EXTRAS=$${EXTRAS:-test,tpu} bash scripts/lock.sh
 
 test: setup  ## two workers; tests of one file share a worker (module fixtures)
 	$(PY) -m pytest -q -n 2 --dist loadfile
@@ -28,6 +28,10 @@ demo: setup  ## the embedded default: SFT base/teacher (cached), OPD+ distillati
 
 report: setup  ## exact bias of every estimator on a tabular policy
 	$(PY) -m opdplus_jax.analysis.report
+
+TOPOLOGY ?= v5p:2x2x2,v5p:4x4x4,v6e:2x4
+plan: setup  ## compile the papers' setting for TPU slices ahead of time (any host; TOPOLOGY=...)
+	$(PY) -m opdplus_jax.plan_main --config=configs/default.py:qwen3_exopd --topology=$(TOPOLOGY)
 
 bench: setup
 	$(PY) benchmarks/advantages.py

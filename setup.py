@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
+    # libtpu for TPU runs, and for `opdplus-plan` to compile for TPU slices on any host.
+    "tpu": ["jax[tpu]>=0.11,<0.13"],
     # CUDA 12 wheels for NVIDIA GPUs (scripts/accelerator_check.sh installs them against the lock).
     "cuda": ["jax[cuda12]>=0.11,<0.13"],
     "data": ["pyarrow>=15,<28"],
@@ -58,6 +60,7 @@ setup(
             "opdplus-train=opdplus_jax.main:train",
             "opdplus-eval=opdplus_jax.main:evaluate",
             "opdplus-export=opdplus_jax.main:export",
+            "opdplus-plan=opdplus_jax.plan_main:main",
         ],
     },
     license="Apache-2.0",

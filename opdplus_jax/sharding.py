@@ -97,6 +97,12 @@ def make_mesh(
     `shape` is a dict such as `{"fsdp": 4, "tensor": 2}` (missing axes have size 1, one axis may
     be -1) or a `ShardingConfig`. Default: everything on `fsdp`. Axes are `Auto` (GSPMD
     propagates shardings through the model from the parameter and batch placements).
+
+    `devices` may be any devices of one platform, e.g. the compile-only devices of
+    `jax.experimental.topologies.get_topology_desc("v5p:4x4x4", "tpu")` (`opdplus_jax.plan`).
+    Where `jax.make_mesh` refuses a shape because it would split a physical axis of a TPU slice
+    (an (8, 8) mesh on a 4x4x4 slice), the devices are laid out by
+    `mesh_utils.create_device_mesh(..., allow_split_physical_axes=True)` instead.
     """
     if shape is None:
         shape = ShardingConfig()
@@ -105,7 +111,13 @@ def make_mesh(
     devices = list(devices) if devices is not None else jax.devices()
     sizes = _resolve_shape(shape, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+    try:
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+    except NotImplementedError:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def logical_to_spec(

@@ -23,8 +23,10 @@ format: setup
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+# CPU-sized, so on the CPU unless JAX_PLATFORMS says otherwise (libtpu, in the lock for
+# opdplus-plan, would otherwise probe for a TPU at start-up and print warnings on other hosts).
 demo: setup  ## the embedded default: SFT base/teacher (cached), OPD+ distillation, report
-	$(PY) -m opdplus_jax.demo --workdir runs/demo
+	JAX_PLATFORMS=$${JAX_PLATFORMS-cpu} $(PY) -m opdplus_jax.demo --workdir runs/demo
 
 report: setup  ## exact bias of every estimator on a tabular policy
 	$(PY) -m opdplus_jax.analysis.report

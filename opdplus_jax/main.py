@@ -37,23 +37,9 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--distributed: processes in all.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
 MODES = ("train", "eval", "export")
-OVERRIDE_PREFIX = "--config."
 
-# `--config.<field>=None` overrides, taken out of argv before absl parses it (ml-collections would
-# read "None" as a string, or fail to convert it to a float) and applied to the loaded config.
+# `--config.<field>=None` overrides (`configs.split_none_overrides`), applied to the loaded config.
 _NONE_OVERRIDES: list[str] = []
-
-
-def split_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(argv without the `--config.<field>=None` flags, the dotted fields they switch off)."""
-    kept, fields = [], []
-    for arg in argv:
-        name, eq, value = arg.partition("=")
-        if name.startswith(OVERRIDE_PREFIX) and eq and value == "None":
-            fields.append(name[len(OVERRIDE_PREFIX) :])
-        else:
-            kept.append(arg)
-    return kept, fields
 
 
 def _run(mode: str) -> None:
@@ -104,7 +90,7 @@ def _main(argv: list[str]) -> None:
 
 
 def _app_run(main) -> None:
-    argv, _NONE_OVERRIDES[:] = split_none_overrides(sys.argv)
+    argv, _NONE_OVERRIDES[:] = configs.split_none_overrides(sys.argv)
     app.run(main, argv=argv)
 
 

@@ -32,6 +32,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from opdplus_jax import configs  # JAX-free: safe before prepare_environment
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].")
 _TOPOLOGY = flags.DEFINE_list(
     "topology",
@@ -125,7 +127,7 @@ def _parse_shapes(items: list[str]) -> dict[str, str]:
 def _run(argv: list[str]) -> None:
     import jax  # after prepare_environment
 
-    from opdplus_jax import configs, plan
+    from opdplus_jax import plan
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -211,20 +213,6 @@ def _run(argv: list[str]) -> None:
         raise SystemExit(1)
 
 
-def split_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(argv without the `--config.<field>=None` flags, the fields they switch off), as
-    opdplus-train reads them (`opdplus_jax.main` defines the training flags, so it is not
-    imported here)."""
-    kept, fields = [], []
-    for arg in argv:
-        name, eq, value = arg.partition("=")
-        if name.startswith("--config.") and eq and value == "None":
-            fields.append(name[len("--config.") :])
-        else:
-            kept.append(arg)
-    return kept, fields
-
-
 # `--config.<field>=None` overrides, applied to the loaded config.
 _NONE_OVERRIDES: list[str] = []
 
@@ -232,7 +220,7 @@ _NONE_OVERRIDES: list[str] = []
 def main() -> None:
     """The `opdplus-plan` console script."""
     prepare_environment(sys.argv)
-    argv, _NONE_OVERRIDES[:] = split_none_overrides(sys.argv)
+    argv, _NONE_OVERRIDES[:] = configs.split_none_overrides(sys.argv)
     app.run(_run, argv=argv)
 
 

@@ -16,7 +16,6 @@ from flax import nnx
 
 from opdplus_jax import (
     configs,
-    main,
     metrics,
     models,
     optim,
@@ -337,7 +336,7 @@ def test_cli_rejects_a_misspelt_config_field_with_a_suggestion(tmp_path):
 
 def test_cli_none_overrides_switch_features_off():
     argv = ["prog", "--config=c.py:cpu", "--config.loss.tis_cap=None", "--config.seed=3"]
-    kept, fields = main.split_none_overrides(argv)
+    kept, fields = configs.split_none_overrides(argv)
     assert kept == ["prog", "--config=c.py:cpu", "--config.seed=3"]
     assert fields == ["loss.tis_cap"]
     config = default_config.get_config("qwen3_exopd")

@@ -51,3 +51,23 @@ def apply_overrides(config: config_dict.ConfigDict, overrides: dict[str, Any]) -
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             message = e.args[0] if e.args else e
             raise ValueError(f"config override {dotted}={value!r}: {message}") from None
+
+
+OVERRIDE_PREFIX = "--config."
+
+
+def split_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without the `--config.<field>=None` flags, the dotted fields they switch off).
+
+    The command lines take these out of argv before absl parses it (ml-collections would read
+    "None" as a string, or fail to convert it to a float) and pass the fields to
+    `apply_overrides` as None once the config is loaded. Free of JAX, so that a command can call
+    it before JAX starts."""
+    kept, fields = [], []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name.startswith(OVERRIDE_PREFIX) and eq and value == "None":
+            fields.append(name[len(OVERRIDE_PREFIX) :])
+        else:
+            kept.append(arg)
+    return kept, fields

@@ -137,14 +137,15 @@ def _gumbel_argmax(key, logits_BK):
 
 
 def categorical(keys_B, step, logits_BK):
-    """One exact draw per row from softmax(logits_BK), with the row's key folded with `step`.
+    """One exact draw per row from softmax(logits_BK), with the row's key folded with `step` (an
+    int32 scalar, or [B]: each row's own step).
 
     Two-stage Gumbel-max: the K logits are split into G groups of about sqrt(K); a group is drawn
     with probability equal to its mass (Gumbel-max over the groups' logsumexps), then a token
     within it (Gumbel-max over its logits). The product is exactly softmax(logits), but it needs
     about 2 sqrt(K) Gumbel variates per row instead of K (the noise dominated the step's cost).
     """
-    keys_B = jax.vmap(jax.random.fold_in, (0, None))(keys_B, step)
+    keys_B = jax.vmap(jax.random.fold_in, (0, 0 if jnp.ndim(step) else None))(keys_B, step)
     B, K = logits_BK.shape
     size = math.isqrt(K - 1) + 1  # ceil(sqrt(K))
     if size < 8:  # tiny vocabulary: plain Gumbel-max
@@ -179,7 +180,7 @@ def sampling_logprobs(
     return out_BV.reshape(shape)
 
 
-def _sample_step(logits_BV, keys_B, step, temperature, top_p, *, greedy, top_k, use_top_p):
+def sample_step(logits_BV, keys_B, step, temperature, top_p, *, greedy, top_k, use_top_p):
     """Sample one token per row: (token [B] int32, policy logp [B], sampling logp [B])."""
     logits_BV = logits_BV.astype(jnp.float32)
     if greedy:
@@ -273,6 +274,10 @@ class SamplerStatic:
       pad_token_id: fills the tokens of finished rows.
       vocab_size: sample only ids below it (None = every logit column).
       mesh: the mesh whose batch axes split the rows (None: no constraints).
+      kv_dtype: dtype name of the KV cache (None = the model's activation dtype); "bfloat16"
+        halves a float32 model's cache.
+      prefill_chunk: prefill the prompt this many positions at a time (0 = all at once), so that
+        the prefill's activations are [B, chunk, ...] rather than [B, P, ...]; must divide P.
     """
 
     cache_length: int
@@ -284,6 +289,8 @@ class SamplerStatic:
     pad_token_id: int = 0
     vocab_size: int | None = None
     mesh: jax.sharding.Mesh | None = None
+    kv_dtype: str | None = None
+    prefill_chunk: int = 0
 
     def constrain(self, x):
         """Shard dim 0 of `x` over the mesh's batch axes (no-op without a mesh)."""
@@ -300,7 +307,8 @@ def prefill(graphdef, params, rest, prompt_tokens_BP, prompt_mask_BP, *, static:
         pytrees of arrays, e.g. `jax.ShapeDtypeStruct`s when lowering ahead of time).
       prompt_tokens_BP: [B, P] int32 left-padded prompts (P: the bucket).
       prompt_mask_BP: [B, P] int32 (1 = real token).
-      static: a `SamplerStatic`; only `cache_length` (S >= P), `vocab_size` and `mesh` matter.
+      static: a `SamplerStatic`; `cache_length` (S >= P), `vocab_size`, `mesh`, `kv_dtype`
+        and `prefill_chunk` matter.
 
     Returns:
       (logits [B, V'] float32 at the last prompt position, V' = `vocab_size` or the model's V;
@@ -309,13 +317,30 @@ def prefill(graphdef, params, rest, prompt_tokens_BP, prompt_mask_BP, *, static:
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, params, rest)
     B, Pn = prompt_tokens_BP.shape
-    cache = model.init_cache(B, static.cache_length)
+    chunk = static.prefill_chunk if 0 < static.prefill_chunk < Pn else Pn
+    if Pn % chunk:
+        raise ValueError(
+            f"prefill_chunk={static.prefill_chunk} does not divide the prompt bucket {Pn}; use a "
+            "power of two (the default buckets are powers of two) or 0 for one chunk"
+        )
+    cache = model.init_cache(B, static.cache_length, dtype=static.kv_dtype)
     kv_mask_BS = jnp.pad(prompt_mask_BP.astype(bool), ((0, 0), (0, static.cache_length - Pn)))
+    kv_mask_BS = static.constrain(kv_mask_BS)
     positions_BP = positions_from_mask(prompt_mask_BP)
-    x_BPD, cache = model.decode_hidden(
-        prompt_tokens_BP, positions_BP, cache, 0, static.constrain(kv_mask_BS)
+
+    def run_chunk(start, cache):  # positions [start, start + chunk) of every prompt
+        tokens_BC, positions_BC = (
+            jax.lax.dynamic_slice_in_dim(a, start, chunk, axis=1)
+            for a in (prompt_tokens_BP, positions_BP)
+        )
+        return model.decode_hidden(tokens_BC, positions_BC, cache, start, kv_mask_BS)
+
+    # Every chunk but the last only fills the cache; the last one's final position gives logits.
+    cache = jax.lax.fori_loop(
+        0, Pn // chunk - 1, lambda i, cache: run_chunk(i * chunk, cache)[1], cache
     )
-    logits_B1V = model.logits(x_BPD[:, -1:])  # the output layer at the last position only
+    x_BCD, cache = run_chunk(Pn - chunk, cache)
+    logits_B1V = model.logits(x_BCD[:, -1:])  # the output layer at the last position only
     return static.constrain(logits_B1V[:, 0, : static.vocab_size].astype(jnp.float32)), cache
 
 
@@ -345,7 +370,7 @@ def decode_loop(graphdef, params, rest, cache, logits0_BV, prompt_mask_BP, row_i
     model = nnx.merge(graphdef, params, rest)
     B, Pn = prompt_mask_BP.shape
     T, c = static.max_new_tokens, static.constrain
-    sample = partial(_sample_step, temperature=temperature, top_p=top_p, greedy=static.greedy,
+    sample = partial(sample_step, temperature=temperature, top_p=top_p, greedy=static.greedy,
                      top_k=static.top_k, use_top_p=static.use_top_p)  # fmt: skip
     keys_B = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids_B)
     stop_ids = jnp.asarray(static.stop_ids, jnp.int32)
@@ -389,7 +414,8 @@ def decode_loop(graphdef, params, rest, cache, logits0_BV, prompt_mask_BP, row_i
 # ----------------------------------------------------------------------------- public API
 
 
-def _as_key(rng: Any) -> jax.Array:
+def as_key(rng: Any) -> jax.Array:
+    """A typed PRNG key from `jax.random.key(seed)`, a raw uint32[2] key or an int seed."""
     if isinstance(rng, int | np.integer):
         return jax.random.key(int(rng))
     rng = rng if isinstance(rng, jax.Array) else jnp.asarray(rng)
@@ -400,6 +426,23 @@ def _as_key(rng: Any) -> jax.Array:
     raise ValueError(
         f"rng must be jax.random.key(seed), a raw uint32[2] key or an int; got {rng!r}"
     )
+
+
+def check_kv_dtype(kv_dtype: Any) -> str | None:
+    """The name of a floating KV-cache dtype (None stays None: the model's activation dtype);
+    ValueError naming the valid choices otherwise."""
+    if kv_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(kv_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"kv_dtype must be a floating dtype such as 'bfloat16' or 'float32' (None = the "
+            f"model's activation dtype); got {kv_dtype!r}"
+        )
+    return dtype.name
 
 
 def check_int(name: str, value: Any, minimum: int, hint: str = "") -> int:
@@ -425,6 +468,8 @@ def generate(
     prompt_mask: Any = None,
     vocab_size: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    kv_dtype: Any = None,
+    prefill_chunk: int = 0,
 ) -> GenerateResult:
     """Sample up to `max_new_tokens` tokens per prompt with a compiled prefill + decode loop.
 
@@ -448,6 +493,9 @@ def generate(
       mesh: mesh to run on; default: the mesh the params are placed on, if any. The batch is
         split over its `data`/`fsdp` axes (padded with dummy rows to a multiple), the model as
         its params are sharded.
+      kv_dtype: dtype of the KV cache (None = the model's activation dtype), e.g. "bfloat16".
+      prefill_chunk: prefill long prompts this many positions at a time (0 = at once); a power
+        of two, so that it divides the prompt bucket.
 
     Compiles once per (batch size, prompt bucket, max_new_tokens, greedy/top-k/top-p on-off,
     stop ids, vocab_size); temperature and top_p values are traced (no recompilation).
@@ -462,7 +510,7 @@ def generate(
             "rng is required when temperature > 0: pass rng=jax.random.key(seed), a new key per "
             "call (or temperature=0 for greedy decoding)"
         )
-    key = _as_key(rng) if rng is not None else jax.random.key(0)
+    key = as_key(rng) if rng is not None else jax.random.key(0)
     eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
     stop_ids = tuple(sorted({int(t) for t in (*eos, *stop_token_ids)}))
     if any(t < 0 for t in stop_ids):
@@ -476,7 +524,11 @@ def generate(
     tokens, mask, row_ids = sharding.place_rows(
         mesh, tokens_np, mask_np, np.arange(B, dtype=np.int32)
     )
-    static = SamplerStatic(cache_length=Pn + max_new_tokens - 1, vocab_size=vocab_size, mesh=mesh)
+    prefill_chunk = check_int("prefill_chunk", prefill_chunk, 0, " (0 = whole prompt)")
+    static = SamplerStatic(
+        cache_length=Pn + max_new_tokens - 1, vocab_size=vocab_size, mesh=mesh,
+        kv_dtype=check_kv_dtype(kv_dtype), prefill_chunk=prefill_chunk,
+    )  # fmt: skip
     logits0, cache = prefill(graphdef, params, rest, tokens, mask, static=static)
     static = dataclasses.replace(
         static, max_new_tokens=max_new_tokens, greedy=greedy, top_k=int(top_k),

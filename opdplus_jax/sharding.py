@@ -247,6 +247,11 @@ def batch_axes(mesh: Mesh | None) -> tuple[str, ...]:
     return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
+def batch_shards(mesh: Mesh | None) -> int:
+    """How many shards the mesh's batch axes split rows into (1 without a mesh)."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh)) if mesh is not None else 1
+
+
 def place_rows(mesh: Mesh | None, *arrays: Any) -> tuple[jax.Array, ...]:
     """Pad [B, ...] arrays with zero rows to a multiple of the batch shards and split dim 0 over
     the mesh's batch axes (no-op without a mesh). Slice results back to the first B rows.
@@ -257,7 +262,7 @@ def place_rows(mesh: Mesh | None, *arrays: Any) -> tuple[jax.Array, ...]:
     axes = batch_axes(mesh)
     if not axes:
         return tuple(jnp.asarray(a) for a in arrays)
-    extra = -len(arrays[0]) % math.prod(mesh.shape[a] for a in axes)
+    extra = -len(arrays[0]) % batch_shards(mesh)
     sharding = NamedSharding(mesh, PartitionSpec(axes))
     pad = lambda a: jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1)) if extra else a
     return tuple(jax.device_put(pad(jnp.asarray(a)), sharding) for a in arrays)

@@ -31,8 +31,9 @@ graphdef, params = nnx.split(model, nnx.Param)
   of the cache per step). The decode scan carries the whole cache and writes each layer's new
   keys/values into it in place (`dynamic_update_slice`): donate it to the jitted caller.
 - `decode` writes the L new tokens' keys/values into slots `[write_index, write_index + L)` (the
-  same slots for every row: left-padded layout) and lets new token l attend to slots
-  `s <= write_index + l` with `kv_mask_BS[b, s]` set (the caller marks the new slots as real).
+  same slots for every row: left-padded layout; or, with `write_index` of shape [B], from row
+  b's own slot) and lets new token l attend to slots `s <= write_index + l` with
+  `kv_mask_BS[b, s]` set (the caller marks the new slots as real).
   RoPE uses `positions_BL`. Prefill is `write_index=0, L=prompt length`; a decode step is `L=1`.
   `write_index` may be a traced int32 scalar (the whole call is jit-able).
 - Logits are float32 [B, L, V] whatever the parameter/activation dtype; V is the embedding size,
@@ -269,13 +270,21 @@ class Attention(nnx.Module):
     def decode(self, x_BLD, sin_BLH, cos_BLH, mask_BLS, cache, layer, write_index, chunk_size=None):
         """Attention of the new tokens over this layer's cached keys/values. `cache` is the whole
         stacked cache; the new keys/values are written in place into layer `layer`'s slots
-        [write_index, write_index + L) and the updated whole cache is returned."""
+        [write_index, write_index + L) (`write_index` an int32 scalar, or [B] per row) and the
+        updated whole cache is returned."""
         q, k, v = self.qkv(x_BLD, sin_BLH, cos_BLH)
-        start = (layer, 0, 0, write_index, 0)
         new = {}
         for name, kv_BKLH in (("k", k), ("v", v)):
-            update_1BKLH = kv_BKLH[None].astype(cache[name].dtype)
-            new[name] = jax.lax.dynamic_update_slice(cache[name], update_1BKLH, start)
+            update_BKLH = kv_BKLH.astype(cache[name].dtype)
+            if write_index.ndim == 0:  # the same slots for every row: one in-place slice
+                start = (layer, 0, 0, write_index, 0)
+                new[name] = jax.lax.dynamic_update_slice(cache[name], update_BKLH[None], start)
+            else:  # row b's slots start at write_index[b]; slots past the cache are dropped
+                b, _, length, _ = update_BKLH.shape
+                slot_BL = write_index[:, None] + jnp.arange(length, dtype=jnp.int32)
+                row_BL = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], slot_BL.shape)
+                at = cache[name].at[layer, row_BL, :, slot_BL]  # indexes [B, L, K, H]
+                new[name] = at.set(update_BKLH.swapaxes(1, 2), mode="drop")
         k_BKSH, v_BKSH = (
             jax.lax.dynamic_index_in_dim(new[name], layer, keepdims=False).astype(self.dtype)
             for name in ("k", "v")
@@ -541,17 +550,27 @@ class CausalLM(nnx.Module):
         kv_mask_BS: jax.Array,
     ) -> tuple[jax.Array, KVCache]:
         """Cached forward of L new tokens written at slots [write_index, write_index + L), up to
-        the output layer: (final hidden states [B, L, D], updated cache). The layers run as one
-        scan that carries the whole stacked cache and updates each layer's slice in place (donate
-        the cache to a jitted caller to avoid a copy)."""
+        the output layer: (final hidden states [B, L, D], updated cache). `write_index` is an
+        int32 scalar (every row writes the same slots: the left-padded layout of one batch) or
+        [B], row b writing from slot write_index[b] (rows at different points of their
+        sequences, as in continuous batching; slots past the cache are dropped, so a row that
+        should not write can pass the cache length). The layers run as one scan that carries
+        the whole stacked cache and updates each layer's slice in place (donate the cache to a
+        jitted caller to avoid a copy)."""
         self._check_cache(cache)
         tokens_BL = jnp.asarray(tokens_BL, jnp.int32)
-        length = tokens_BL.shape[1]
+        batch, length = tokens_BL.shape
         slots = cache["k"].shape[3]
         write_index = jnp.asarray(write_index, jnp.int32)
-        query_slot_L = write_index + jnp.arange(length, dtype=jnp.int32)
-        causal_LS = jnp.arange(slots, dtype=jnp.int32)[None, :] <= query_slot_L[:, None]
-        mask_BLS = causal_LS[None] & jnp.asarray(kv_mask_BS).astype(bool)[:, None, :]
+        if write_index.shape not in ((), (batch,)):
+            raise ValueError(
+                f"write_index must be an int32 scalar (the same slots for every row) or one "
+                f"slot per row, shape ({batch},); got shape {write_index.shape}"
+            )
+        # The slot of each new token ([L], or [B, L] per row); a query sees slots up to its own.
+        query_slot = write_index[..., None] + jnp.arange(length, dtype=jnp.int32)
+        causal = jnp.arange(slots, dtype=jnp.int32) <= query_slot[..., None]  # [(B,) L, S]
+        mask_BLS = causal & jnp.asarray(kv_mask_BS).astype(bool)[:, None, :]
         sin, cos = rope_sin_cos(self.config, jnp.asarray(positions_BL), self.dtype)
         chunk = self.attention_chunk_size
 

@@ -21,22 +21,22 @@ import jax
 import numpy as np
 
 from opdplus_jax import sharding, verifiers
-from opdplus_jax.rollout import Rollout, RolloutEngine, StaticEngine
+from opdplus_jax.rollout import Rollout, RolloutEngine
 from opdplus_jax.tokenizer import Tokenizer
 
 
 def policy_engine(engine: RolloutEngine) -> RolloutEngine:
-    """`engine` if it samples the policy itself, else a `StaticEngine` of the same architecture
-    and length that samples at temperature 1 without truncation (what a KL estimate needs)."""
+    """`engine` if it samples the policy itself, else the same engine (`with_sampling`) at
+    temperature 1 without truncation (what a KL estimate needs)."""
     if not engine.sampling.off_policy_fields():
         return engine
-    if not isinstance(engine, StaticEngine):
+    if not hasattr(engine, "with_sampling"):
         raise ValueError(
             f"{type(engine).__name__} does not sample at temperature 1 without truncation: pass "
             "kl_engine=, an engine of the same policy that does, for kl_per_token"
         )
     sampling = dataclasses.replace(engine.sampling, temperature=1.0, top_p=1.0, top_k=0)
-    return StaticEngine(engine.graphdef, sampling, mesh=engine.mesh)
+    return engine.with_sampling(sampling)
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:

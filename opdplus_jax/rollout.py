@@ -6,8 +6,11 @@ teacher and reference scoring, verifiers) reads its named fields. An engine is b
 architecture (its graphdef) and one set of `SamplingParams`; the weights are an argument of every
 call, so the trainer passes the current student params each step and one compilation serves them
 all. `StaticEngine` (the compiled bucketed prefill + `while_loop` decode of `opdplus_jax.sampling`)
-is the first engine; another (continuous batching, an external server) implements the same two
-methods and returns the same `Rollout`, in the order of its input prompts.
+decodes each call's rows together until the last stops; `ContinuousEngine` (the slot pool of
+`opdplus_jax.continuous`) decodes a fixed number of rows at a time and refills a slot as soon as
+its row stops, prefilling each prompt once for its samples. Another engine (an external server)
+implements the same two methods and returns the same `Rollout`, in the order of its input
+prompts. `make_engine` builds the one a config names (`rollout.engine`).
 
 Row layout: prompt i's samples are rows i * n .. i * n + n - 1 (n = `num_samples`), so
 `group_id = i` and `row_id = i * n + s`; the group baselines of `opdplus_jax.estimators` rely on
@@ -27,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opdplus_jax import sampling, scoring
+from opdplus_jax import continuous, sampling, scoring
+from opdplus_jax.sampling import check_int
 
 
 @flax.struct.dataclass
@@ -69,7 +73,8 @@ class SamplingParams:
     """How an engine samples (hashable): `sampling.generate`'s keyword arguments of that name.
 
     `stop_token_ids` end a row (EOS included); `vocab_size` restricts sampling and scoring to the
-    tokenizer's ids of a padded embedding; temperature 0 is greedy decoding.
+    tokenizer's ids of a padded embedding; temperature 0 is greedy decoding; `kv_dtype` (None =
+    the model's) and `prefill_chunk` (0 = whole prompt) trade memory for precision and speed.
     """
 
     max_new_tokens: int
@@ -79,10 +84,14 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     vocab_size: int | None = None
+    kv_dtype: str | None = None
+    prefill_chunk: int = 0
 
     def __post_init__(self):
         sampling.check_sampling_args(self.temperature, self.top_k, self.top_p)
         sampling.check_int("max_new_tokens", self.max_new_tokens, 1)
+        sampling.check_int("prefill_chunk", self.prefill_chunk, 0, " (0 = whole prompt)")
+        object.__setattr__(self, "kv_dtype", sampling.check_kv_dtype(self.kv_dtype))
         if self.vocab_size is not None:
             sampling.check_int("vocab_size", self.vocab_size, 1, " (or None for all logits)")
 
@@ -179,6 +188,10 @@ class StaticEngine:
         graphdef, params = nnx.split(model, nnx.Param)
         return cls(graphdef, sampling, **kw), params
 
+    def with_sampling(self, sampling: SamplingParams) -> StaticEngine:
+        """The same engine with other `SamplingParams`."""
+        return StaticEngine(self.graphdef, sampling, mesh=self.mesh)
+
     def generate(self, params, prompts: Prompts, *, rng, num_samples=1, teacher=None) -> Rollout:
         ids = request_ids(len(prompts), num_samples, teacher)
         rows = [p for p in prompts for _ in range(num_samples)]
@@ -197,3 +210,102 @@ class StaticEngine:
         return scoring.rollout_logprobs(
             (self.graphdef, params), rollout, vocab_size=self.sampling.vocab_size
         )
+
+
+class ContinuousEngine:
+    """The continuous-batching sampler (`opdplus_jax.continuous`) as a `RolloutEngine`: `slots`
+    rows decode together, a stopped row's slot takes the next waiting row inside the compiled
+    loop, and each prompt is prefilled once for its samples. Samples are the same as
+    `StaticEngine`'s for the same keys.
+
+    Args:
+      graphdef: the student architecture (`nnx.split(model, nnx.Param)[0]`).
+      sampling: how to sample (as for `StaticEngine`).
+      slots: rows decoded together (capped at a call's rows; rounded up to the mesh's batch
+        shards); the KV cache holds this many sequences (`continuous.kv_cache_bytes`).
+      mesh: where to run; default the mesh the params are placed on, if any.
+    """
+
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        sampling: SamplingParams,
+        *,
+        slots: int = 64,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        if not isinstance(graphdef, nnx.GraphDef):
+            raise TypeError(
+                "ContinuousEngine needs the model's graphdef (nnx.split(model, nnx.Param)[0]); "
+                f"got {type(graphdef).__name__}. ContinuousEngine.for_model(model, sampling) "
+                "splits one."
+            )
+        self.graphdef = graphdef
+        self.sampling = sampling
+        self.slots = check_int("slots", slots, 1, " (rows decoded together)")
+        self.mesh = mesh
+
+    @classmethod
+    def for_model(
+        cls, model: nnx.Module, sampling: SamplingParams, **kw: Any
+    ) -> tuple[ContinuousEngine, nnx.State]:
+        """(engine, params) of an NNX model."""
+        graphdef, params = nnx.split(model, nnx.Param)
+        return cls(graphdef, sampling, **kw), params
+
+    def slots_for(self, rows: int) -> int:
+        """The slots a call of `rows` rows uses (before rounding to the mesh)."""
+        return min(self.slots, rows)
+
+    def with_sampling(self, sampling: SamplingParams) -> ContinuousEngine:
+        """The same engine (slots, mesh) with other `SamplingParams`."""
+        return ContinuousEngine(self.graphdef, sampling, slots=self.slots, mesh=self.mesh)
+
+    def generate(self, params, prompts: Prompts, *, rng, num_samples=1, teacher=None) -> Rollout:
+        ids = request_ids(len(prompts), num_samples, teacher)
+        p = self.sampling
+        out = continuous.generate(
+            (self.graphdef, params),
+            prompts,
+            num_samples=num_samples,
+            slots=self.slots,
+            rng=rng,
+            mesh=self.mesh,
+            **dataclasses.asdict(p),
+        )
+        arrays = (out.prompt_tokens, out.prompt_mask, out.tokens, out.mask)
+        return Rollout(*arrays, out.sampling_logprobs, out.logprobs, *ids)
+
+    def score(self, params: nnx.State, rollout: Rollout) -> jax.Array:
+        return scoring.rollout_logprobs(
+            (self.graphdef, params), rollout, vocab_size=self.sampling.vocab_size
+        )
+
+
+ENGINES: tuple[str, ...] = ("static", "continuous")
+
+
+def make_engine(
+    name: str,
+    graphdef: nnx.GraphDef,
+    sampling: SamplingParams,
+    *,
+    slots: int = 64,
+    mesh: jax.sharding.Mesh | None = None,
+) -> StaticEngine | ContinuousEngine:
+    """The engine a config names (`rollout.engine`): "static" (`StaticEngine`) or "continuous"
+    (`ContinuousEngine` with `slots`); ValueError naming both otherwise."""
+    if check_engine(name) == "static":
+        return StaticEngine(graphdef, sampling, mesh=mesh)
+    return ContinuousEngine(graphdef, sampling, slots=slots, mesh=mesh)
+
+
+def check_engine(name: Any) -> str:
+    """`name` if it is one of `ENGINES`, else ValueError naming them."""
+    if name not in ENGINES:
+        raise ValueError(
+            f"unknown rollout engine {name!r}; valid: 'static' (every row of a call decodes "
+            "until the last stops) or 'continuous' (rollout.slots rows at a time, refilled as "
+            "rows stop)"
+        )
+    return name

@@ -26,6 +26,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -52,7 +53,13 @@ from opdplus_jax import (
     train_step,
     verifiers,
 )
-from opdplus_jax.rollout import Rollout, SamplingParams, StaticEngine
+from opdplus_jax.rollout import (
+    Rollout,
+    RolloutEngine,
+    SamplingParams,
+    check_engine,
+    make_engine,
+)
 from opdplus_jax.tokenizer import Tokenizer, check_compatible
 
 logger = logging.getLogger(__name__)
@@ -146,6 +153,8 @@ INT_FIELDS = (
     ("data.batch_size", 1),
     ("rollout.num_samples", 1),
     ("rollout.max_prompt_len", 1),
+    ("rollout.slots", 1),
+    ("rollout.prefill_chunk", 0),
     ("loss.num_minibatches", 1),
     ("train.num_steps", 1),
     ("train.log_every", 1),
@@ -207,13 +216,14 @@ def validate(config: config_dict.ConfigDict) -> None:
     sampled = {}
     for where, fields in (
         ("rollout", {"max_new_tokens": r.max_new_tokens, "temperature": r.temperature,
-                     "top_p": r.top_p, "top_k": r.top_k}),
+                     "top_p": r.top_p, "top_k": r.top_k, **engine_memory(config)}),
         ("eval", {"max_new_tokens": e.max_new_tokens, "temperature": e.temperature}),
     ):  # fmt: skip
         try:
             sampled[where] = SamplingParams(**fields)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
+    check_engine(r.engine)
     optim.from_config(config.optimizer, config.train.num_steps)
     est = config.estimator
     divergences.get(est.divergence, **dict(est.divergence_params))
@@ -446,6 +456,12 @@ def step_config(
     )
 
 
+def engine_memory(config: config_dict.ConfigDict) -> dict[str, Any]:
+    """The `SamplingParams` fields of `config.rollout` that set the sampler's memory (KV dtype,
+    prefill chunk), shared by the training and evaluation engines."""
+    return {"kv_dtype": config.rollout.kv_dtype, "prefill_chunk": config.rollout.prefill_chunk}
+
+
 @dataclasses.dataclass
 class Trainer:
     """A loaded run: build one with `Trainer.setup(config)`; `train(workdir)` runs it.
@@ -458,8 +474,8 @@ class Trainer:
       step_cfg: the static part of the train step (graphdefs, estimator, loss settings).
       frozen: the teachers' and references' params (no gradient, no optimizer state).
       teacher_names: config.teachers' names; a row's `teacher` index points into it.
-      engine: samples the training rollouts (`config.rollout`).
-      eval_engine: samples the held-out evaluation (`config.eval`).
+      engine: samples the training rollouts (`config.rollout`; `rollout.engine` names its kind).
+      eval_engine: samples the held-out evaluation (`config.eval`), with the same kind of engine.
       optimizer: the optax optimizer of `config.optimizer`.
     """
 
@@ -471,8 +487,8 @@ class Trainer:
     frozen: train_step.Frozen
     # Derived from the above (replace them on an instance to change how it samples or steps).
     teacher_names: list[str] = dataclasses.field(init=False)
-    engine: StaticEngine = dataclasses.field(init=False)
-    eval_engine: StaticEngine = dataclasses.field(init=False)
+    engine: RolloutEngine = dataclasses.field(init=False)
+    eval_engine: RolloutEngine = dataclasses.field(init=False)
     optimizer: Any = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -483,13 +499,18 @@ class Trainer:
             temperature=r.temperature,
             top_p=r.top_p,
             top_k=r.top_k,
+            **engine_memory(self.config),
         )
         held_out = SamplingParams.for_tokenizer(
-            self.tokenizer, max_new_tokens=e.max_new_tokens, temperature=e.temperature
+            self.tokenizer,
+            max_new_tokens=e.max_new_tokens,
+            temperature=e.temperature,
+            **engine_memory(self.config),
         )
         self.teacher_names = list(self.config.teachers.keys())
-        self.engine = StaticEngine(self.step_cfg.student, rollout)
-        self.eval_engine = StaticEngine(self.step_cfg.student, held_out)
+        engine = partial(make_engine, r.engine, self.step_cfg.student, slots=r.slots)
+        self.engine = engine(rollout)
+        self.eval_engine = engine(held_out)
         self.optimizer = optim.from_config(self.config.optimizer, self.config.train.num_steps)
 
     @classmethod

@@ -67,6 +67,13 @@ def _base() -> config_dict.ConfigDict:
     c.rollout.top_k = 0
     c.rollout.max_new_tokens = 64
     c.rollout.max_prompt_len = 64
+    # static: a call's rows decode together until the last stops (best when lengths are alike);
+    # continuous: rollout.slots rows at a time, a stopped row's slot refilled inside the compiled
+    # loop, each prompt prefilled once for its samples (long-tailed lengths; README "Rollouts").
+    c.rollout.engine = "static"
+    c.rollout.slots = 64  # continuous engine: rows decoded together (its KV cache's sequences)
+    c.rollout.kv_dtype = config_dict.placeholder(str)  # None = student.dtype; e.g. "bfloat16"
+    c.rollout.prefill_chunk = 0  # prefill prompts this many tokens at a time (0 = at once)
 
     # Loss (opdplus_jax.losses).
     c.loss = config_dict.ConfigDict()

@@ -4,13 +4,15 @@ accelerator (one GPU, or whatever JAX's default backend is), as one JSON report.
     bash scripts/accelerator_check.sh            # installs the CUDA extra, then runs this
     python scripts/accelerator_check.py --out runs/accelerator_check/report.json
 
-Three measurements, each at shapes that fit in a few minutes on one modern GPU:
+Four measurements, each at shapes that fit in a few minutes on one modern GPU:
   opd_step   the `benchmarks/opd_step.py` models and step (a 23M student and an 87M teacher,
              Qwen3-shaped, vocabulary 32768, 16 prompts x exactly 128 new tokens, reverse KL,
              AdamW) in the chosen dtype: median wall time of rollout and fused update, the first
              step's compile seconds, and the achieved matmul TFLOP/s against the step's analytic
              FLOPs (`opd_step.step_flops`).
   sampler    the same student sampling 64 prompts x 512 new tokens: new tokens per second.
+  rollouts   long-tailed lengths (64 prompts x 4 samples, stop chance ~1/128 per token): useful
+             tokens per second of the static and the continuous engine, and their ratio.
   training   a tiny distillation (random models, the `reverse` task) through
              `trainer.train_and_evaluate` for a few steps: it must finish with finite losses.
 The last line printed is the whole report as one JSON object (also written to --out).
@@ -33,7 +35,7 @@ import numpy as np
 
 from opdplus_jax import configs, models, sharding, tasks, trainer
 from opdplus_jax.configs import default
-from opdplus_jax.rollout import SamplingParams, StaticEngine
+from opdplus_jax.rollout import ContinuousEngine, SamplingParams, StaticEngine
 from opdplus_jax.tasks import tokenizer as task_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,6 +162,38 @@ def check_sampler(tmp: str, args) -> dict:
     }
 
 
+def check_rollouts(tmp: str, args) -> dict:
+    """Long-tailed lengths: `sampler_batch` prompts x 4 samples, a row stopping at any of
+    vocab/128 ids (about 1/128 per step on the near-uniform random student), at most
+    `sampler_new_tokens`: useful tokens/s of the static and the continuous engine (64 slots)."""
+    model = models.from_pretrained(os.path.join(tmp, "student"), dtype=jnp.dtype(args.dtype))
+    stops = tuple(range(4, 4 + args.vocab // 128))
+    sampling = SamplingParams(max_new_tokens=args.sampler_new_tokens, stop_token_ids=stops)
+    static, params = StaticEngine.for_model(model, sampling)
+    engines = {"static": static, "continuous": ContinuousEngine(static.graphdef, sampling)}
+    rng = np.random.default_rng(2)
+    prompts = rng.integers(4, args.vocab, (args.sampler_batch, args.prompt_len)).tolist()
+    out: dict = {"prompts": args.sampler_batch, "samples": 4, "stop_ids": len(stops)}
+    for name, engine in engines.items():
+        times, useful = [], []
+        for i in range(3):  # the first call compiles
+            t = time.perf_counter()
+            r = engine.generate(params, prompts, rng=jax.random.key(i), num_samples=4)
+            useful.append(int(np.asarray(r.mask).sum()))
+            times.append(time.perf_counter() - t)
+        out[name] = {
+            "seconds": statistics.median(times[1:]),
+            "first_call_seconds": times[0],
+            "useful_tokens_per_second": statistics.median(
+                u / t for u, t in zip(useful[1:], times[1:], strict=True)
+            ),
+        }
+    out["continuous_vs_static"] = (
+        out["continuous"]["useful_tokens_per_second"] / out["static"]["useful_tokens_per_second"]
+    )
+    return out
+
+
 def check_training(tmp: str, args) -> dict:
     """A tiny distillation through the trainer: random student and sharper teacher, `reverse`."""
     root = os.path.join(tmp, "tiny")
@@ -241,6 +275,7 @@ def main() -> None:
         for name, check in (
             ("opd_step", check_opd_step),
             ("sampler", check_sampler),
+            ("rollouts", check_rollouts),
             ("training", check_training),
         ):
             t = time.perf_counter()

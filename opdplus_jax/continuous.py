@@ -41,8 +41,9 @@ from flax import nnx
 from opdplus_jax import sampling, sharding
 from opdplus_jax.scoring import TRACE_COUNTS, ModelLike, split_model
 
-# Slots admitted per loop step after the first fill (which fills every slot at once): rows stop
-# one or two at a time on long-tailed lengths; a row that finds no room waits one step.
+# Rows admitted by the narrow admit of a loop step (the first fill, and a step that finds more
+# free slots than this, fill every free slot): on long-tailed lengths rows stop one or two at
+# a time, and a narrow admit gathers and scatters only this many prompts' keys and values.
 DEFAULT_REFILL_WIDTH = 8
 # Once every row is admitted, the pool halves each time at most half of it is live, this many
 # times (each halving is one more compiled decode loop, at half the width).
@@ -86,7 +87,8 @@ class ContinuousStatic:
         P + T - 1, the length of one slot).
       slots: S, rows decoded together (a multiple of the mesh's batch shards).
       num_samples: n, rows per prompt (row r answers prompt r // n).
-      refill_width: rows admitted per step after the first fill.
+      refill_width: the narrow admit's width: a step with at most this many free slots admits
+        this many rows at most, one with more admits into every free slot.
       tail_halvings: how many times the pool may halve once every row is admitted.
     """
 
@@ -260,9 +262,13 @@ def continuous_loop(graphdef, params, rest, prompt_tokens_NP, prompt_mask_NP, or
         )
 
     def admit_and_decode(st: _State) -> _State:
-        room = ~st.slots.live.all()
+        # Nothing to do while every slot is live; up to refill_width free slots are filled by a
+        # narrow admit, more (a whole wave stopping at once, as with equal lengths) by a full one.
+        free = S - st.slots.live.sum(dtype=jnp.int32)
         width = min(static.refill_width, S)
-        return decode(jax.lax.cond(room, lambda st: admit(st, width), lambda st: st, st))
+        branch = jnp.where(free == 0, 0, jnp.where(free <= width, 1, 2))
+        branches = (lambda st: st, lambda st: admit(st, width), lambda st: admit(st, S))
+        return decode(jax.lax.switch(branch, branches, st))
 
     def compact(st: _State, width: int) -> _State:
         """Gather the (at most `width`) live slots into a pool of `width` slots."""
@@ -337,7 +343,8 @@ def generate(
         mesh's batch shards. The KV cache holds S slots (see the module docstring).
       order: admission order of the rows, a permutation of range(R) (default: row order). The
         samples do not depend on it; the schedule (`row_slot`, `row_start`) does.
-      refill_width: rows admitted per step after the first fill.
+      refill_width: the narrow admit's width: a step with at most this many free slots admits
+        this many rows at most, one with more admits into every free slot.
       tail_halvings: times the pool may halve for the tail, once every row is admitted (0: the
         whole pool decodes until the last row stops).
 

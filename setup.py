@@ -61,6 +61,7 @@ setup(
             "opdplus-eval=opdplus_jax.main:evaluate",
             "opdplus-export=opdplus_jax.main:export",
             "opdplus-plan=opdplus_jax.plan_main:main",
+            "opdplus-audit=opdplus_jax.analysis.audit:main",
         ],
     },
     license="Apache-2.0",

@@ -145,9 +145,18 @@ def rows_for(config) -> list[Row]:
     return rows
 
 
-def audit(config, *, vocab: int = 3, horizon: int = 3, distance: float = 1.0, seed: int = 0):
+def audit(
+    config,
+    *,
+    vocab: int = 3,
+    horizon: int = 3,
+    distance: float = 1.0,
+    seed: int = 0,
+    eos: bool = True,
+):
     """One dict per row: name, divergence, correction, gauge, level, discount, aggregation,
-    baseline, relative_bias, variance, cosine, target, configured."""
+    baseline, relative_bias, variance, cosine, target, configured. With `eos` the last token id
+    ends a response (lengths 1..horizon, so that token means weigh responses unequally)."""
     import jax
     import jax.numpy as jnp
 
@@ -156,7 +165,8 @@ def audit(config, *, vocab: int = 3, horizon: int = 3, distance: float = 1.0, se
     out = []
     with jax.enable_x64(True):
         problem = Problem.random(seed, vocab_size=vocab, horizon=horizon,
-                                 teacher_distance=distance)  # fmt: skip
+                                 teacher_distance=distance,
+                                 eos_id=vocab - 1 if eos else None)  # fmt: skip
         for row in rows_for(config):
             e = row.estimator
             report = evaluate(problem, e)
@@ -187,7 +197,7 @@ def to_table(rows: list[dict]) -> str:
         "|---|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        gauge = "registered" if r["gauge"] is None else f"+{r['gauge']:.4g}(1-u)"
+        gauge = "registered" if r["gauge"] is None else f"{r['gauge']:+.4g}(1-u)"
         mark = " **(configured)**" if r["configured"] else ""
         lines.append(
             f"| {r['name']}{mark} | {r['correction']} | {gauge} | {r['relative_bias']:.3g} | "
@@ -210,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         "distance", 1.0, "Teacher-student distance (logit noise scale).", flag_values=flag_values
     )
     seed = flags.DEFINE_integer("seed", 0, "Problem seed.", flag_values=flag_values)
+    eos = flags.DEFINE_bool(
+        "eos", True, "The last token ends a response (variable lengths).", flag_values=flag_values
+    )
     as_json = flags.DEFINE_bool("json", False, "One JSON object per row.", flag_values=flag_values)
     argv = sys.argv if argv is None else argv
     try:
@@ -221,15 +234,17 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     try:
         rows = audit(config.value, vocab=vocab.value, horizon=horizon.value,
-                     distance=distance.value, seed=seed.value)  # fmt: skip
+                     distance=distance.value, seed=seed.value, eos=eos.value)  # fmt: skip
     except (ValueError, KeyError) as e:
         sys.exit(f"opdplus-audit: {e}")
     if as_json.value:
         for r in rows:
             print(json.dumps(r))
         return
-    print(f"Exact bias audit: tabular policy V={vocab.value}, T={horizon.value}, teacher distance "
-          f"{distance.value}, seed {seed.value}; baselines over groups of {GROUP}\n")  # fmt: skip
+    lengths = f"EOS = token {vocab.value - 1}" if eos.value else "fixed length"
+    print(f"Exact bias audit of {rows[0]['divergence']}: tabular policy V={vocab.value}, "
+          f"T={horizon.value} ({lengths}), teacher distance {distance.value}, seed {seed.value}; "
+          f"baselines over groups of {GROUP}\n")  # fmt: skip
     print(to_table(rows))
     print(f"\nrel. bias = |E[g] - target| / |target|; cosine of E[g] with the target; variance = "
           f"trace of one draw's covariance. ({time.perf_counter() - start:.0f} s)")  # fmt: skip

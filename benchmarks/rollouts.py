@@ -203,13 +203,14 @@ def main() -> None:
     s_waste = med(1 - (int(np.asarray(o.mask).sum()) - R) / (R * (int(o.num_steps) - 1))
                   for o in s_out)  # fmt: skip
     c_waste = med(1 - int(o.busy_steps) / int(o.slot_steps) for o in c_out)
-    same = med(int((np.asarray(a.tokens) == np.asarray(b.tokens)).all(1).sum())
+    same = sum(int((np.asarray(a.tokens) == np.asarray(b.tokens)).all(1).sum())
                for a, b in zip(s_out, c_out, strict=True))  # fmt: skip
+    draws = len(s_out)
     print(f"static sampler   : {s_tps:8.1f} useful tokens/s ({s_t:6.2f} s/call); "
           f"{s_waste:.1%} of decode on stopped rows")  # fmt: skip
     print(f"continuous (S={min(args.slots, R)}): {c_tps:8.1f} useful tokens/s ({c_t:6.2f} s/call); "
           f"{c_waste:.1%} of decode on stopped rows or empty slots; rows identical to the "
-          f"static sampler's: {same}/{R}")  # fmt: skip
+          f"static sampler's: {same}/{R * draws} over {draws} draws")  # fmt: skip
     print(f"first call (compiles): static {first['static']:.1f} s, continuous "
           f"{first['cont']:.1f} s")  # fmt: skip
     result = {"continuous_vs_static": c_tps / s_tps}
@@ -235,7 +236,7 @@ def main() -> None:
           f"{k} samples separately: {med(separate) * 1e3:.1f} ms; fraction {frac:.3f} "
           f"(1/{k} = {1 / k:.3f})")  # fmt: skip
     result["prefix_prefill_fraction"] = frac
-    result["rows_identical_to_static"] = same / R
+    result["rows_identical_to_static"] = same / (R * draws)
     result["stopped_row_compute"] = {"static": s_waste, "continuous": c_waste}
     if rows["hf"]:
         result["stopped_row_compute"]["generate"] = h_waste

@@ -1,7 +1,7 @@
 # Common developer commands. Every target sets up .venv first (cheap when already done).
 PY := .venv/bin/python
 
-.PHONY: setup lock test test-all lint format demo report plan bench clean
+.PHONY: setup lock test test-all lint format demo report plan audit bench clean
 
 setup:  ## .venv with the exact versions of requirements.lock, and the package (editable)
 	@bash scripts/setup.sh
@@ -32,6 +32,9 @@ report: setup  ## exact bias of every estimator on a tabular policy
 	$(PY) -m opdplus_jax.analysis.report
 
 TOPOLOGY ?= v5p:2x2x2,v5p:4x4x4,v6e:2x4
+audit: setup  ## exact bias of a config's estimator vs the alternatives (PRESET=cpu)
+	JAX_PLATFORMS=$${JAX_PLATFORMS-cpu} $(PY) -m opdplus_jax.analysis.audit --config=configs/default.py:$(or $(PRESET),cpu)
+
 plan: setup  ## compile the papers' setting for TPU slices ahead of time (any host; TOPOLOGY=...)
 	$(PY) -m opdplus_jax.plan_main --config=configs/default.py:qwen3_exopd --topology=$(TOPOLOGY)
 

@@ -199,7 +199,7 @@ def continuous_loop(graphdef, params, rest, prompt_tokens_NP, prompt_mask_NP, or
     # Shared prefix: each prompt's keys/values and first-token logits, computed once.
     logits0_NV, prompt_cache = sampling.prefill(
         graphdef, params, rest, prompt_tokens_NP, prompt_mask_NP,
-        static=dataclasses.replace(s, cache_length=P),
+        static=dataclasses.replace(s, cache_length=P).for_prefill(),
     )  # fmt: skip
     prompt_len_N = prompt_mask_NP.astype(jnp.int32).sum(-1)
     prompt_kv_mask_NC = jnp.pad(prompt_mask_NP.astype(bool), ((0, 0), (0, C - P)))
@@ -351,28 +351,18 @@ def generate(
     Compiles once per (prompt count, bucket, n, S, T, sampling switches, stop ids, vocab_size);
     temperature and top_p values are traced.
     """
-    sampling.check_sampling_args(temperature, top_k, top_p)
-    max_new_tokens = sampling.check_int("max_new_tokens", max_new_tokens, 1)
     num_samples = sampling.check_int("num_samples", num_samples, 1)
     slots = sampling.check_int("slots", slots, 1, " (rows decoded together)")
     refill_width = sampling.check_int("refill_width", refill_width, 1)
     tail_halvings = sampling.check_int("tail_halvings", tail_halvings, 0)
-    prefill_chunk = sampling.check_int("prefill_chunk", prefill_chunk, 0, " (0 = whole prompt)")
-    if vocab_size is not None:
-        vocab_size = sampling.check_int("vocab_size", vocab_size, 1, " (or None for all logits)")
-    greedy = temperature == 0
-    if not greedy and rng is None:
-        raise ValueError(
-            "rng is required when temperature > 0: pass rng=jax.random.key(seed), a new key per "
-            "call (or temperature=0 for greedy decoding)"
-        )
-    key = sampling.as_key(rng) if rng is not None else jax.random.key(0)
-    eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
-    stop_ids = tuple(sorted({int(t) for t in (*eos, *stop_token_ids)}))
-    if any(t < 0 for t in stop_ids):
-        raise ValueError(f"eos_token_id and stop_token_ids must be >= 0; got {stop_ids}")
     graphdef, params, rest = split_model(model)
     mesh = mesh if mesh is not None else sharding.infer_mesh(params)
+    settings, key, temperature, top_p = sampling.checked_request(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        eos_token_id=eos_token_id, stop_token_ids=stop_token_ids, rng=rng,
+        pad_token_id=pad_token_id, vocab_size=vocab_size, mesh=mesh, kv_dtype=kv_dtype,
+        prefill_chunk=prefill_chunk,
+    )  # fmt: skip
     tokens_np, mask_np = sampling.pad_prompts(
         prompts, buckets=prompt_buckets, pad_token_id=pad_token_id
     )
@@ -387,16 +377,10 @@ def generate(
     shards = sharding.batch_shards(mesh)
     slots = -(-min(slots, R) // shards) * shards
     tokens, mask = sharding.place_rows(mesh, tokens_np, mask_np)
-    sampler = sampling.SamplerStatic(
-        cache_length=P + max_new_tokens - 1, max_new_tokens=max_new_tokens, greedy=greedy,
-        top_k=int(top_k), use_top_p=top_p < 1.0, stop_ids=stop_ids,
-        pad_token_id=int(pad_token_id), vocab_size=vocab_size, mesh=mesh,
-        kv_dtype=sampling.check_kv_dtype(kv_dtype), prefill_chunk=prefill_chunk,
-    )  # fmt: skip
+    sampler = dataclasses.replace(settings, cache_length=P + settings.max_new_tokens - 1)
     static = ContinuousStatic(sampler, slots, num_samples, refill_width, tail_halvings)
-    temperature = jnp.float32(1.0 if greedy else temperature)
     outs = continuous_loop(graphdef, params, rest, tokens, mask, jnp.asarray(order_np, jnp.int32),
-                           key, temperature, jnp.float32(top_p), static=static)  # fmt: skip
+                           key, temperature, top_p, static=static)  # fmt: skip
     *arrays, num_steps, slot_steps, busy, row_slot, row_start = outs
     prompt_tokens = jnp.asarray(np.repeat(tokens_np, num_samples, axis=0))
     prompt_mask = jnp.asarray(np.repeat(mask_np, num_samples, axis=0))

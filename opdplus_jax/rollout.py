@@ -20,6 +20,7 @@ row's tokens depend on neither the other rows nor the mesh.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -154,9 +155,9 @@ def request_ids(num_prompts: int, num_samples: int, teacher: Any = None) -> tupl
     )
 
 
-class StaticEngine:
-    """The compiled sampler as a `RolloutEngine`: every row of a call decodes in one batch until
-    all rows have stopped (or `max_new_tokens`), with a KV cache of the whole length per row.
+class CompiledEngine:
+    """What the compiled engines share: bound to an architecture (graphdef), `SamplingParams` and
+    an optional mesh; `score` through `scoring.rollout_logprobs`. Subclasses add `generate`.
 
     Args:
       graphdef: the student architecture (`nnx.split(model, nnx.Param)[0]`).
@@ -172,25 +173,37 @@ class StaticEngine:
         mesh: jax.sharding.Mesh | None = None,
     ):
         if not isinstance(graphdef, nnx.GraphDef):
+            name = type(self).__name__
             raise TypeError(
-                "StaticEngine needs the model's graphdef (nnx.split(model, nnx.Param)[0]); got "
-                f"{type(graphdef).__name__}. StaticEngine.for_model(model, sampling) splits one."
+                f"{name} needs the model's graphdef (nnx.split(model, nnx.Param)[0]); got "
+                f"{type(graphdef).__name__}. {name}.for_model(model, sampling) splits one."
             )
         self.graphdef = graphdef
         self.sampling = sampling
         self.mesh = mesh
 
     @classmethod
-    def for_model(
-        cls, model: nnx.Module, sampling: SamplingParams, **kw: Any
-    ) -> tuple[StaticEngine, nnx.State]:
+    def for_model(cls, model: nnx.Module, sampling: SamplingParams, **kw: Any):
         """(engine, params) of an NNX model."""
         graphdef, params = nnx.split(model, nnx.Param)
         return cls(graphdef, sampling, **kw), params
 
-    def with_sampling(self, sampling: SamplingParams) -> StaticEngine:
-        """The same engine with other `SamplingParams`."""
-        return StaticEngine(self.graphdef, sampling, mesh=self.mesh)
+    def with_sampling(self, sampling: SamplingParams):
+        """The same engine (architecture, mesh, engine settings) with other `SamplingParams`."""
+        new = copy.copy(self)
+        new.sampling = sampling
+        return new
+
+    def score(self, params: nnx.State, rollout: Rollout) -> jax.Array:
+        return scoring.rollout_logprobs(
+            (self.graphdef, params), rollout, vocab_size=self.sampling.vocab_size
+        )
+
+
+class StaticEngine(CompiledEngine):
+    """The compiled sampler as a `RolloutEngine`: every row of a call decodes in one batch until
+    all rows have stopped (or `max_new_tokens`), with a KV cache of the whole length per row.
+    Arguments as `CompiledEngine`'s."""
 
     def generate(self, params, prompts: Prompts, *, rng, num_samples=1, teacher=None) -> Rollout:
         ids = request_ids(len(prompts), num_samples, teacher)
@@ -206,24 +219,17 @@ class StaticEngine:
         arrays = (out.prompt_tokens, out.prompt_mask, out.tokens, out.mask)
         return Rollout(*arrays, out.sampling_logprobs, out.logprobs, *ids)
 
-    def score(self, params: nnx.State, rollout: Rollout) -> jax.Array:
-        return scoring.rollout_logprobs(
-            (self.graphdef, params), rollout, vocab_size=self.sampling.vocab_size
-        )
 
-
-class ContinuousEngine:
+class ContinuousEngine(CompiledEngine):
     """The continuous-batching sampler (`opdplus_jax.continuous`) as a `RolloutEngine`: `slots`
     rows decode together, a stopped row's slot takes the next waiting row inside the compiled
     loop, and each prompt is prefilled once for its samples. Samples are the same as
     `StaticEngine`'s for the same keys.
 
     Args:
-      graphdef: the student architecture (`nnx.split(model, nnx.Param)[0]`).
-      sampling: how to sample (as for `StaticEngine`).
+      graphdef, sampling, mesh: as for `CompiledEngine`.
       slots: rows decoded together (capped at a call's rows; rounded up to the mesh's batch
         shards); the KV cache holds this many sequences (`continuous.kv_cache_bytes`).
-      mesh: where to run; default the mesh the params are placed on, if any.
     """
 
     def __init__(
@@ -234,36 +240,11 @@ class ContinuousEngine:
         slots: int = 64,
         mesh: jax.sharding.Mesh | None = None,
     ):
-        if not isinstance(graphdef, nnx.GraphDef):
-            raise TypeError(
-                "ContinuousEngine needs the model's graphdef (nnx.split(model, nnx.Param)[0]); "
-                f"got {type(graphdef).__name__}. ContinuousEngine.for_model(model, sampling) "
-                "splits one."
-            )
-        self.graphdef = graphdef
-        self.sampling = sampling
+        super().__init__(graphdef, sampling, mesh=mesh)
         self.slots = check_int("slots", slots, 1, " (rows decoded together)")
-        self.mesh = mesh
-
-    @classmethod
-    def for_model(
-        cls, model: nnx.Module, sampling: SamplingParams, **kw: Any
-    ) -> tuple[ContinuousEngine, nnx.State]:
-        """(engine, params) of an NNX model."""
-        graphdef, params = nnx.split(model, nnx.Param)
-        return cls(graphdef, sampling, **kw), params
-
-    def slots_for(self, rows: int) -> int:
-        """The slots a call of `rows` rows uses (before rounding to the mesh)."""
-        return min(self.slots, rows)
-
-    def with_sampling(self, sampling: SamplingParams) -> ContinuousEngine:
-        """The same engine (slots, mesh) with other `SamplingParams`."""
-        return ContinuousEngine(self.graphdef, sampling, slots=self.slots, mesh=self.mesh)
 
     def generate(self, params, prompts: Prompts, *, rng, num_samples=1, teacher=None) -> Rollout:
         ids = request_ids(len(prompts), num_samples, teacher)
-        p = self.sampling
         out = continuous.generate(
             (self.graphdef, params),
             prompts,
@@ -271,15 +252,10 @@ class ContinuousEngine:
             slots=self.slots,
             rng=rng,
             mesh=self.mesh,
-            **dataclasses.asdict(p),
+            **dataclasses.asdict(self.sampling),
         )
         arrays = (out.prompt_tokens, out.prompt_mask, out.tokens, out.mask)
         return Rollout(*arrays, out.sampling_logprobs, out.logprobs, *ids)
-
-    def score(self, params: nnx.State, rollout: Rollout) -> jax.Array:
-        return scoring.rollout_logprobs(
-            (self.graphdef, params), rollout, vocab_size=self.sampling.vocab_size
-        )
 
 
 ENGINES: tuple[str, ...] = ("static", "continuous")

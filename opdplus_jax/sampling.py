@@ -292,6 +292,13 @@ class SamplerStatic:
     kv_dtype: str | None = None
     prefill_chunk: int = 0
 
+    def for_prefill(self) -> SamplerStatic:
+        """Only the fields `prefill` reads (so that one prefill serves every decode setting)."""
+        return SamplerStatic(
+            cache_length=self.cache_length, vocab_size=self.vocab_size, mesh=self.mesh,
+            kv_dtype=self.kv_dtype, prefill_chunk=self.prefill_chunk,
+        )  # fmt: skip
+
     def constrain(self, x):
         """Shard dim 0 of `x` over the mesh's batch axes (no-op without a mesh)."""
         return sharding.constrain_rows(x, self.mesh)
@@ -445,6 +452,49 @@ def check_kv_dtype(kv_dtype: Any) -> str | None:
     return dtype.name
 
 
+def checked_request(
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    eos_token_id: Any,
+    stop_token_ids: Any,
+    rng: Any,
+    pad_token_id: int,
+    vocab_size: int | None,
+    mesh: jax.sharding.Mesh | None,
+    kv_dtype: Any,
+    prefill_chunk: int,
+) -> tuple[SamplerStatic, jax.Array, jax.Array, jax.Array]:
+    """The checked settings of a sampling call (`generate`'s and `continuous.generate`'s
+    arguments of these names): (a `SamplerStatic` with every field but `cache_length` set, the
+    typed key, temperature and top_p as float32 scalars). ValueError naming the argument."""
+    check_sampling_args(temperature, top_k, top_p)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    if vocab_size is not None:
+        vocab_size = check_int("vocab_size", vocab_size, 1, " (or None for all logits)")
+    greedy = temperature == 0
+    if not greedy and rng is None:
+        raise ValueError(
+            "rng is required when temperature > 0: pass rng=jax.random.key(seed), a new key per "
+            "call (or temperature=0 for greedy decoding)"
+        )
+    key = as_key(rng) if rng is not None else jax.random.key(0)
+    eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
+    stop_ids = tuple(sorted({int(t) for t in (*eos, *stop_token_ids)}))
+    if any(t < 0 for t in stop_ids):
+        raise ValueError(f"eos_token_id and stop_token_ids must be >= 0; got {stop_ids}")
+    static = SamplerStatic(
+        cache_length=0, max_new_tokens=max_new_tokens, greedy=greedy, top_k=int(top_k),
+        use_top_p=top_p < 1.0, stop_ids=stop_ids, pad_token_id=int(pad_token_id),
+        vocab_size=vocab_size, mesh=mesh, kv_dtype=check_kv_dtype(kv_dtype),
+        prefill_chunk=check_int("prefill_chunk", prefill_chunk, 0, " (0 = whole prompt)"),
+    )  # fmt: skip
+    temperature = jnp.float32(1.0 if greedy else temperature)
+    return static, key, temperature, jnp.float32(top_p)
+
+
 def check_int(name: str, value: Any, minimum: int, hint: str = "") -> int:
     """`value` as an int; ValueError naming `name` unless it is an int >= `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
@@ -500,23 +550,14 @@ def generate(
     Compiles once per (batch size, prompt bucket, max_new_tokens, greedy/top-k/top-p on-off,
     stop ids, vocab_size); temperature and top_p values are traced (no recompilation).
     """
-    check_sampling_args(temperature, top_k, top_p)
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, "")
-    if vocab_size is not None:
-        vocab_size = check_int("vocab_size", vocab_size, 1, " (or None for all logits)")
-    greedy = temperature == 0
-    if not greedy and rng is None:
-        raise ValueError(
-            "rng is required when temperature > 0: pass rng=jax.random.key(seed), a new key per "
-            "call (or temperature=0 for greedy decoding)"
-        )
-    key = as_key(rng) if rng is not None else jax.random.key(0)
-    eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
-    stop_ids = tuple(sorted({int(t) for t in (*eos, *stop_token_ids)}))
-    if any(t < 0 for t in stop_ids):
-        raise ValueError(f"eos_token_id and stop_token_ids must be >= 0; got {stop_ids}")
     graphdef, params, rest = split_model(model)
     mesh = mesh if mesh is not None else sharding.infer_mesh(params)
+    settings, key, temperature, top_p = checked_request(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        eos_token_id=eos_token_id, stop_token_ids=stop_token_ids, rng=rng,
+        pad_token_id=pad_token_id, vocab_size=vocab_size, mesh=mesh, kv_dtype=kv_dtype,
+        prefill_chunk=prefill_chunk,
+    )  # fmt: skip
     tokens_np, mask_np = pad_prompts(
         prompts, prompt_mask=prompt_mask, buckets=prompt_buckets, pad_token_id=pad_token_id
     )
@@ -524,19 +565,9 @@ def generate(
     tokens, mask, row_ids = sharding.place_rows(
         mesh, tokens_np, mask_np, np.arange(B, dtype=np.int32)
     )
-    prefill_chunk = check_int("prefill_chunk", prefill_chunk, 0, " (0 = whole prompt)")
-    static = SamplerStatic(
-        cache_length=Pn + max_new_tokens - 1, vocab_size=vocab_size, mesh=mesh,
-        kv_dtype=check_kv_dtype(kv_dtype), prefill_chunk=prefill_chunk,
-    )  # fmt: skip
-    logits0, cache = prefill(graphdef, params, rest, tokens, mask, static=static)
-    static = dataclasses.replace(
-        static, max_new_tokens=max_new_tokens, greedy=greedy, top_k=int(top_k),
-        use_top_p=top_p < 1.0, stop_ids=stop_ids, pad_token_id=int(pad_token_id),
-    )  # fmt: skip
-    temperature = jnp.float32(1.0 if greedy else temperature)
+    static = dataclasses.replace(settings, cache_length=Pn + settings.max_new_tokens - 1)
+    logits0, cache = prefill(graphdef, params, rest, tokens, mask, static=static.for_prefill())
     (*outs, num_steps), _ = decode_loop(graphdef, params, rest, cache, logits0, mask, row_ids,
-                                        key, temperature, jnp.float32(top_p),
-                                        static=static)  # fmt: skip
+                                        key, temperature, top_p, static=static)  # fmt: skip
     outs = [x[:B] for x in (*outs, tokens, mask)]  # drop the rows added for the mesh
     return GenerateResult(*outs, num_steps=num_steps)

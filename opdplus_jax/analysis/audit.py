@@ -52,7 +52,7 @@ def sublinear_gauge(divergence: Any) -> float | None:
 def target_name(level: str, discount: float, discount_objective: bool = False) -> str:
     """The objective an estimator of this level and discount is unbiased for (when corrected)."""
     if level == "sequence":
-        return "grad D_f(pi||nu) over whole sequences"
+        return "grad D_f(pi ‖ nu) over whole sequences"
     if discount == 0.0:
         return "myopic gradient (token level, gamma=0): sum_t E[d_t D_t]"
     if discount_objective:

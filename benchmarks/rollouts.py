@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from common import JsonLineWorker  # benchmarks/common.py, next to this script
 
-from opdplus_jax import continuous, models, sampling
+from opdplus_jax import continuous, models, sampling, scoring
 from opdplus_jax.models import factory
 
 CONFIG = {  # Qwen3 architecture (q/k norm, GQA, tied embeddings), ~5M parameters
@@ -170,7 +170,7 @@ def main() -> None:
         k, Pp = args.prefix_samples, args.prefix_prompt_len
         base = sampling.SamplerStatic(cache_length=Pp)
         unique = np.asarray(rng.integers(RESERVED, V, (N, Pp)), np.int32)
-        gd, prm, rest = sampling.split_model(model)
+        gd, prm, rest = scoring.split_model(model)
 
         def prefill(tokens):
             return sampling.prefill(gd, prm, rest, tokens, np.ones_like(tokens), static=base)
@@ -182,7 +182,7 @@ def main() -> None:
         separate = [timed(lambda: prefill(repeated))[0] for _ in range(args.repeats)]
 
     R = N * n
-    med = lambda xs: statistics.median(xs)
+    med = statistics.median
 
     def ours(key):
         secs = [t for t, _ in rows[key]]

@@ -32,15 +32,20 @@ import sys
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+from absl import flags
+from ml_collections import config_flags
+
+from opdplus_jax import divergences, losses
+from opdplus_jax.analysis.exact import Estimator, Problem, evaluate
+
 GROUP = 2  # samples per prompt when a row has a group baseline (enumeration cost: |Y|^GROUP)
 
 
 def sublinear_gauge(divergence: Any) -> float | None:
     """c = lim_{u -> inf} f(u) / u of `divergence`'s generator (float64), so that f + c (1 - u)
     grows sublinearly; 0.0 when f already does; None when the limit is infinite."""
-    import jax
-    import jax.numpy as jnp
-
     with jax.enable_x64(True):
         ratio = lambda log_u: float(divergence.f(jnp.float64(log_u)) / jnp.exp(log_u))
         a, b = ratio(40.0), ratio(60.0)
@@ -72,9 +77,6 @@ class Row:
 
 def configured_estimator(config) -> Any:
     """The `exact.Estimator` of a training config (first teacher's reward scale)."""
-    from opdplus_jax import divergences
-    from opdplus_jax.analysis.exact import Estimator
-
     est = config.estimator
     teacher = next(iter(config.teachers.values()))
     baseline = est.baseline
@@ -93,8 +95,6 @@ def configured_estimator(config) -> Any:
 
 def rows_for(config) -> list[Row]:
     """The configured estimator, its alternatives and the peer presets."""
-    from opdplus_jax import divergences, losses
-
     base = configured_estimator(config)
     rep = dataclasses.replace
     rows = [Row("configured", base, configured=True)]
@@ -128,8 +128,6 @@ def rows_for(config) -> list[Row]:
     rkl = divergences.get("reverse_kl")
     token = {"level": "token", "reward_scale": 1.0, "log_ratio_clip": None, "baseline": None,
              "batch_size": 1, "aggregation": "token_mean"}  # fmt: skip
-    from opdplus_jax.analysis.exact import Estimator
-
     rows += [
         Row("peer: per-token reverse KL, discount 1, token mean",
             Estimator(rkl, "stop_grad", discount=1.0, **token)),
@@ -157,11 +155,6 @@ def audit(
     """One dict per row: name, divergence, correction, gauge, level, discount, aggregation,
     baseline, relative_bias, variance, cosine, target, configured. With `eos` the last token id
     ends a response (lengths 1..horizon, so that token means weigh responses unequally)."""
-    import jax
-    import jax.numpy as jnp
-
-    from opdplus_jax.analysis.exact import Problem, evaluate
-
     out = []
     with jax.enable_x64(True):
         problem = Problem.random(seed, vocab_size=vocab, horizon=horizon,
@@ -207,9 +200,6 @@ def to_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
     flag_values = flags.FlagValues()
     config = config_flags.DEFINE_config_file(
         "config", None, "Training config file[:preset].", flag_values=flag_values

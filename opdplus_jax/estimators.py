@@ -48,12 +48,14 @@ __all__ = [
     "BASELINES",
     "CORRECTIONS",
     "LEVELS",
+    "TASK_ADVANTAGES",
     "Estimate",
     "advantages",
     "estimate",
     "group_baseline",
     "log_ratio",
     "reward_to_go",
+    "task_advantages",
 ]
 
 LEVELS = ("token", "sequence")
@@ -345,3 +347,36 @@ def group_baseline(
     fm = (jnp.asarray(mask) > 0).astype(advantages_BT.dtype).reshape(-1, group_size, t)
     adv = advantages_BT.reshape(-1, group_size, t) * fm
     return (baseline(adv, fm, eps) * fm).reshape(b, t)
+
+
+TASK_ADVANTAGES = ("group_norm", "loo")
+
+
+def task_advantages(
+    reward_B: jax.Array, group_size: int, *, kind: str = "group_norm", eps: float = 1e-6
+) -> jax.Array:
+    """Per-row advantages [B] of a scalar task reward (e.g. a verifier's 0/1 score) per row.
+
+    Rows are grouped consecutively as in `group_baseline` (n = `group_size` samples per prompt).
+
+    - "group_norm": (r_i - mean_g r) / (std_g r + eps), the population std of the prompt's n
+      rewards (GRPO's group-normalised reward); 0 for a group whose rewards are all equal.
+      Biased in direction (the std depends on the sample itself), the usual choice.
+    - "loo": r_i - mean_{j != i} r_j: unbiased for the gradient of E[r] (RLOO; needs n >= 2).
+    """
+    if kind not in TASK_ADVANTAGES:
+        raise ValueError(f"kind must be one of {TASK_ADVANTAGES}, got {kind!r}")
+    reward_B = jnp.asarray(reward_B, jnp.float32)
+    (b,) = reward_B.shape
+    if group_size < 2 or b % group_size:
+        raise ValueError(
+            "task advantages need group_size >= 2 dividing the batch; got group_size="
+            f"{group_size} for {b} rows"
+        )
+    r = reward_B.reshape(-1, group_size)
+    mean = r.mean(axis=1, keepdims=True)
+    if kind == "loo":
+        adv = (r - mean) * group_size / (group_size - 1)  # r_i - mean of the others
+    else:
+        adv = (r - mean) / (r.std(axis=1, keepdims=True) + eps)
+    return adv.reshape(b)

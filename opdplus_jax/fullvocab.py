@@ -26,14 +26,24 @@ with `tail="renormalize"` (both distributions renormalised on the support) or `t
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from opdplus_jax import divergences, estimators, losses
 
-__all__ = ["Head", "analytic_loss", "context_divergence", "token_divergences"]
+__all__ = [
+    "Head",
+    "Scorer",
+    "Terms",
+    "analytic_loss",
+    "check_support",
+    "context_divergence",
+    "divergence_terms",
+    "token_divergences",
+]
 
 Support = Literal["full", "teacher_topk", "student_topk"]
 Tail = Literal["renormalize", "bucket"]
@@ -89,6 +99,111 @@ def context_divergence(
     return jnp.sum(jnp.where(live, jnp.where(log_u > 0, dual, primal), 0.0), axis=-1)
 
 
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+class Scorer(NamedTuple):
+    """A model at the completion positions: final hidden states [B, T, D] and its output layer
+    (hidden [B, K, D] -> float32 logits [B, K, V]), e.g. `CausalLM.logits`."""
+
+    hidden_BTD: jax.Array
+    logits: LogitsFn
+
+
+class Terms(NamedTuple):
+    """Per-position outputs of `divergence_terms`, each [B, T] float32 (0 where mask is 0)."""
+
+    divergence: jax.Array  # D_t, differentiable in the student's output layer and hidden states
+    student_logp: jax.Array  # log pi(y_t | c_t) of the given tokens (differentiable)
+    teacher_logp: jax.Array  # log q(y_t | c_t) of the given tokens (a constant)
+
+
+def check_support(support: str, top_k: Any, tail: Any) -> None:
+    """Raises ValueError unless (support, top_k, tail) is one of the supported combinations."""
+    if support not in SUPPORTS:
+        raise ValueError(f"support must be one of {SUPPORTS}, got {support!r}")
+    if support != "full" and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"support={support!r} needs a positive integer top_k, got {top_k!r}")
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+
+
+def divergence_terms(
+    student: Scorer,
+    teacher: Scorer,
+    tokens_BT: jax.Array,
+    mask_BT: jax.Array,
+    *,
+    divergence: str | divergences.Divergence = "reverse_kl",
+    reward_scale: float = 1.0,
+    reference: Scorer | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int = 128,
+    support: Support = "full",
+    top_k: int | None = None,
+    tail: Tail = "renormalize",
+) -> Terms:
+    """Full-vocabulary divergences D_t and the tokens' log-probs, chunk by chunk over T.
+
+    The output layers run on `chunk_size` positions at a time inside `jax.checkpoint` (a
+    `lax.map` over chunks), so at most [B, chunk_size, V] logits per model are live, in the
+    forward and in the backward (which recomputes them). `vocab_size` slices padded
+    vocabularies (e.g. 151936 rows of which 151669 are real tokens). The teacher and reference
+    are constants (stop-gradient); the student is differentiated through its `logits` function
+    and hidden states. `tokens_BT` are the completion tokens whose log-probs are gathered.
+    """
+    check_support(support, top_k, tail)
+    if reward_scale != 1.0 and reference is None:
+        raise ValueError(f"reward_scale={reward_scale} needs the reference model's Head")
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    d = divergences.get(divergence)
+    b, t = mask_BT.shape
+    k = min(chunk_size, t)
+    num_chunks = -(-t // k)
+    models = {"student": student, "teacher": teacher}
+    if reward_scale != 1.0:
+        models["reference"] = reference
+    for name, m in models.items():
+        if m.hidden_BTD.shape[:2] != (b, t):
+            raise ValueError(
+                f"{name} hidden states {m.hidden_BTD.shape} do not match the mask {(b, t)}"
+            )
+    if tokens_BT.shape != (b, t):
+        raise ValueError(f"tokens {tokens_BT.shape} do not match the mask {(b, t)}")
+
+    def chunks(x_BT_):  # [B, T, ...] -> [C, B, K, ...], zero-padded on T
+        x = jnp.pad(x_BT_, ((0, 0), (0, num_chunks * k - t)) + ((0, 0),) * (x_BT_.ndim - 2))
+        return x.reshape(b, num_chunks, k, *x_BT_.shape[2:]).swapaxes(0, 1)
+
+    def log_probs(model, hidden_BKD, frozen):
+        logits = model.logits(hidden_BKD)[..., :vocab_size]
+        logits = jnp.asarray(logits, jnp.promote_types(logits.dtype, jnp.float32))
+        logp = jax.nn.log_softmax(logits, axis=-1)  # never below float32
+        return jax.lax.stop_gradient(logp) if frozen else logp
+
+    def one_chunk(xs):
+        lp = log_probs(student, xs["student"], frozen=False)
+        lq = log_probs(teacher, xs["teacher"], frozen=True)
+        if support != "full" and top_k > lp.shape[-1]:
+            raise ValueError(f"top_k={top_k} exceeds the vocabulary ({lp.shape[-1]} tokens)")
+        target = lq
+        if reward_scale != 1.0:
+            lr = log_probs(reference, xs["reference"], frozen=True)
+            target = reward_scale * lq + (1.0 - reward_scale) * lr
+        div = context_divergence(d, lp, target, support=support, top_k=top_k, tail=tail)
+        token = xs["tokens"][..., None]
+        pick = lambda logp: jnp.take_along_axis(logp, token, axis=-1)[..., 0]
+        return div, pick(lp), pick(lq)
+
+    xs = {name: chunks(m.hidden_BTD) for name, m in models.items()}
+    xs["tokens"] = chunks(jnp.asarray(tokens_BT, jnp.int32))
+    per_chunk = jax.lax.map(jax.checkpoint(one_chunk, prevent_cse=False), xs)  # [C, B, K] each
+    live = mask_BT > 0
+    unchunk = lambda x_CBK: jnp.where(live, x_CBK.swapaxes(0, 1).reshape(b, -1)[:, :t], 0.0)
+    return Terms(*(unchunk(x) for x in per_chunk))
+
+
 def token_divergences(
     student: Head,
     teacher: Head,
@@ -103,61 +218,37 @@ def token_divergences(
     top_k: int | None = None,
     tail: Tail = "renormalize",
 ) -> jax.Array:
-    """Per-position full-vocabulary divergences D_t [B, T] (0 where mask is 0).
+    """Per-position full-vocabulary divergences D_t [B, T] (0 where mask is 0) of `Head`s.
 
-    Differentiable in the student's hidden states and unembedding; the teacher and reference
-    heads are treated as constants. `vocab_size` slices padded vocabularies (e.g. 151936 rows of
-    which 151669 are real tokens). Logits are computed in float32 chunk by chunk (see module doc).
+    `divergence_terms` with each head's output layer `hidden @ unembed` (float32 logits):
+    differentiable in the student's hidden states and unembedding, the teacher and reference
+    heads constants.
     """
-    if support not in SUPPORTS:
-        raise ValueError(f"support must be one of {SUPPORTS}, got {support!r}")
-    if tail not in TAILS:
-        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    if support != "full" and not (isinstance(top_k, int) and top_k >= 1):
-        raise ValueError(f"support={support!r} needs a positive integer top_k, got {top_k!r}")
-    if reward_scale != 1.0 and reference is None:
-        raise ValueError(f"reward_scale={reward_scale} needs the reference model's Head")
-    d = divergences.get(divergence)
-    b, t = mask_BT.shape
-    k = min(chunk_size, t)
-    num_chunks = -(-t // k)
-    heads = {"student": student, "teacher": teacher}
-    if reward_scale != 1.0:
-        heads["reference"] = reference
-    for name, head in heads.items():
-        if head.hidden_BTD.shape[:2] != (b, t):
-            raise ValueError(
-                f"{name} hidden states {head.hidden_BTD.shape} do not match the mask {(b, t)}"
-            )
 
-    def chunks(x_BTD):  # [B, T, D] -> [C, B, K, D], zero-padded on T
-        x = jnp.pad(x_BTD, ((0, 0), (0, num_chunks * k - t), (0, 0)))
-        return x.reshape(b, num_chunks, k, -1).swapaxes(0, 1)
+    def scorer(head: Head | None) -> Scorer | None:
+        if head is None:
+            return None
+        dtype = jnp.promote_types(head.unembed_DV.dtype, jnp.float32)
+        unembed = lambda x: jnp.einsum(
+            "bkd,dv->bkv", x, head.unembed_DV, preferred_element_type=dtype
+        )
+        return Scorer(head.hidden_BTD, unembed)
 
-    dtype = jnp.promote_types(student.unembed_DV.dtype, jnp.float32)  # never below float32
-
-    def log_probs(hidden, unembed):
-        logits = jnp.einsum("bkd,dv->bkv", hidden, unembed, preferred_element_type=dtype)
-        if vocab_size is not None:
-            logits = logits[..., :vocab_size]
-        return jax.nn.log_softmax(logits.astype(dtype), axis=-1)
-
-    frozen = {n: jax.lax.stop_gradient(h) for n, h in heads.items() if n != "student"}
-
-    @jax.checkpoint
-    def one_chunk(student_unembed, xs):
-        lp = log_probs(xs["student"], student_unembed)
-        target = log_probs(xs["teacher"], frozen["teacher"].unembed_DV)
-        if reward_scale != 1.0:
-            ref = log_probs(xs["reference"], frozen["reference"].unembed_DV)
-            target = reward_scale * target + (1.0 - reward_scale) * ref
-        return context_divergence(d, lp, target, support=support, top_k=top_k, tail=tail)
-
-    xs = {"student": chunks(student.hidden_BTD)}
-    xs |= {n: chunks(h.hidden_BTD) for n, h in frozen.items()}
-    per_chunk = jax.lax.map(lambda x: one_chunk(student.unembed_DV, x), xs)  # [C, B, K]
-    d_BT = per_chunk.swapaxes(0, 1).reshape(b, num_chunks * k)[:, :t]
-    return jnp.where(mask_BT > 0, d_BT, 0.0)
+    tokens = jnp.zeros(mask_BT.shape, jnp.int32)  # only the divergences are used
+    return divergence_terms(
+        scorer(student),
+        scorer(teacher),
+        tokens,
+        mask_BT,
+        divergence=divergence,
+        reward_scale=reward_scale,
+        reference=scorer(reference),
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
+        support=support,
+        top_k=top_k,
+        tail=tail,
+    ).divergence
 
 
 def analytic_loss(

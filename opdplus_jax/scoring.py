@@ -73,6 +73,23 @@ def positions_from_mask(mask_BL: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask_BL.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def completion_hidden(model, prompt_tokens_BP, prompt_mask_BP, tokens_BT, mask_BT) -> jax.Array:
+    """Final hidden states [B, T, D] that predict the completion tokens (traceable).
+
+    One causal forward over [prompt | completion]; the state at position i predicts token i + 1,
+    so completion token t is predicted at position P - 1 + t. `model.logits` of the result gives
+    the completion's [B, T, V] logits (`completion_logprobs` and the full-vocabulary losses apply
+    it chunk by chunk).
+    """
+    P, T = prompt_tokens_BP.shape[1], tokens_BT.shape[1]
+    tokens_BL = jnp.concatenate([prompt_tokens_BP, tokens_BT], axis=1)
+    mask_BL = jnp.concatenate([prompt_mask_BP, mask_BT], axis=1).astype(jnp.int32)
+    x_BLD = model.hidden_states(
+        tokens_BL, positions_BL=positions_from_mask(mask_BL), attention_mask_BL=mask_BL
+    )
+    return x_BLD[:, P - 1 : P - 1 + T]
+
+
 def completion_logprobs(
     model,
     prompt_tokens_BP,
@@ -101,14 +118,8 @@ def completion_logprobs(
         raise ValueError(
             f"chunk_size must be None (no chunking) or an int >= 1; got {chunk_size!r}"
         )
-    P, T = prompt_tokens_BP.shape[1], tokens_BT.shape[1]
-    tokens_BL = jnp.concatenate([prompt_tokens_BP, tokens_BT], axis=1)
-    mask_BL = jnp.concatenate([prompt_mask_BP, mask_BT], axis=1).astype(jnp.int32)
-    x_BLD = model.hidden_states(
-        tokens_BL, positions_BL=positions_from_mask(mask_BL), attention_mask_BL=mask_BL
-    )
-    # The hidden state at position i predicts token i + 1: completion token t at P - 1 + t.
-    x_BTD = x_BLD[:, P - 1 : P - 1 + T]
+    T = tokens_BT.shape[1]
+    x_BTD = completion_hidden(model, prompt_tokens_BP, prompt_mask_BP, tokens_BT, mask_BT)
 
     def chunk_logprobs(x_BCD, tokens_BC):
         return gather_logprobs(model.logits(x_BCD)[..., :vocab_size], tokens_BC)

@@ -45,7 +45,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from opdplus_jax import divergences, estimators, losses, scoring, sharding
+from opdplus_jax import divergences, estimators, fullvocab, losses, scoring, sharding
 from opdplus_jax.rollout import Rollout
 
 
@@ -100,6 +100,12 @@ class StepConfig:
     aggregation: str = "seq_mean_token_sum_norm"
     ppo_clip: float | None = None
     tis_cap: float | None = None
+    support: str = "sampled"
+    top_k: int | None = None
+    tail: str | None = None
+    opd_weight: float = 1.0
+    task_weight: float = 0.0
+    task_advantage: str = "group_norm"
     teacher_rows: tuple[int, ...] | None = None
     microbatch_rows: int | None = None
     logits_chunk: int | None = None
@@ -133,6 +139,88 @@ class StepConfig:
         g = self.group_size
         if isinstance(g, bool) or not isinstance(g, int) or g < 1:
             raise ValueError(f"StepConfig.group_size must be an int >= 1; got {g!r}")
+        check_support(
+            self.support,
+            self.top_k,
+            self.tail,
+            level=self.level,
+            correction=self.correction,
+            log_ratio_clip=self.log_ratio_clip,
+        )
+        check_task_reward(self.opd_weight, self.task_weight, self.task_advantage, g)
+
+    @property
+    def full_vocabulary(self) -> bool:
+        """Whether the OPD term sums over a support of the vocabulary (not the sampled token)."""
+        return self.support != "sampled"
+
+
+SUPPORTS = ("sampled", *fullvocab.SUPPORTS)
+
+
+def check_support(
+    support: str,
+    top_k: Any,
+    tail: Any,
+    *,
+    level: str,
+    correction: str,
+    log_ratio_clip: float | None,
+) -> None:
+    """Raises ValueError, naming the valid combinations, unless the OPD term can be estimated
+    with this support of the vocabulary.
+
+    "sampled" scores the sampled token (every estimator of `opdplus_jax.estimators`). "full",
+    "teacher_topk" and "student_topk" differentiate the per-context divergence over the whole
+    vocabulary or the top_k tokens (`opdplus_jax.fullvocab`, estimator C_gamma): token level,
+    exact (no stop-gradient correction to choose: correction="opd_plus"), any divergence,
+    discount, reward scale and reference; no log-ratio clip (there is no sampled ratio to clip).
+    A top-k support needs top_k and tail ("renormalize" | "bucket"); the others take neither.
+    """
+    if support not in SUPPORTS:
+        raise ValueError(f"support must be one of {', '.join(SUPPORTS)}; got {support!r}")
+    if support in ("sampled", "full"):
+        if top_k is not None or tail is not None:
+            raise ValueError(
+                f"support={support!r} takes no top_k or tail (got top_k={top_k!r}, "
+                f"tail={tail!r}): they belong to support='teacher_topk' or 'student_topk'"
+            )
+        if support == "sampled":
+            return
+    else:
+        fullvocab.check_support(support, top_k, tail)
+    bad = {
+        "level": (level, "token"),
+        "correction": (correction, "opd_plus"),
+        "log_ratio_clip": (log_ratio_clip, None),
+    }
+    for field, (value, valid) in bad.items():
+        if value != valid:
+            raise ValueError(
+                f"support={support!r} differentiates the per-context divergence exactly: it needs "
+                f"level='token', correction='opd_plus' and log_ratio_clip=None (got {field}="
+                f"{value!r}). Use support='sampled' for sequence-level, stop-grad or clipped "
+                "estimators"
+            )
+
+
+def check_task_reward(opd_weight: Any, task_weight: Any, task_advantage: str, group_size: int):
+    """Raises ValueError unless the OPD and task-reward weights and the task advantage are valid."""
+    for field, w in (("opd_weight", opd_weight), ("task_weight", task_weight)):
+        if isinstance(w, bool) or not isinstance(w, int | float) or not w >= 0:
+            raise ValueError(f"{field} must be a number >= 0; got {w!r}")
+    if opd_weight == 0 and task_weight == 0:
+        raise ValueError("opd_weight and task_weight are both 0: nothing would be trained")
+    if task_advantage not in estimators.TASK_ADVANTAGES:
+        raise ValueError(
+            f"task_advantage must be one of {', '.join(estimators.TASK_ADVANTAGES)}; got "
+            f"{task_advantage!r}"
+        )
+    if task_weight and group_size < 2:
+        raise ValueError(
+            f"a task-reward advantage ({task_advantage}) compares a prompt's samples: it needs "
+            f"at least 2 samples per prompt, got {group_size}"
+        )
 
 
 # ------------------------------------------------------------------------------ row layout
@@ -263,9 +351,12 @@ class _Totals(NamedTuple):
     num_tokens: jax.Array  # response tokens of the whole batch (at least 1)
 
 
-def _advantages(cfg: StepConfig, frozen: Frozen, mb: Rollout, spans, student_logp, totals: _Totals):
-    """Per-row advantages of a microbatch from each row's teacher (and reference), and its share
-    of the diagnostics (sums over its rows divided by the whole batch's counts; min / max)."""
+def _advantages(
+    cfg: StepConfig, frozen: Frozen, mb: Rollout, spans, student_logp, totals: _Totals, task_adv
+):
+    """Per-row advantages of a microbatch from each row's teacher (and reference), mixed with
+    the task-reward advantages `task_adv` [R, T] (None without task rewards), and its share of
+    the diagnostics (sums over its rows divided by the whole batch's counts; min / max)."""
     logp_sg = jax.lax.stop_gradient(student_logp)
     k_teachers = len(cfg.teachers)
     teacher_logps = [
@@ -302,24 +393,95 @@ def _advantages(cfg: StepConfig, frozen: Frozen, mb: Rollout, spans, student_log
         log_us.append(est.log_ratio)
         # clip_fraction is over this block's response tokens: back to a count.
         clipped.append(est.clip_fraction * jnp.maximum((mask > 0).sum(), 1))
-    adv = _concat_rows(advs)
-    if cfg.baseline is not None:
-        adv = estimators.group_baseline(adv, mb.mask, cfg.group_size, kind=cfg.baseline)
+    adv, stats = _mix(cfg, _concat_rows(advs), mb.mask, totals, task_adv)
     teacher_logp, log_u = _concat_rows(teacher_logps), _concat_rows(log_us)
     fm = (mb.mask > 0).astype(jnp.float32)
     count = totals.num_tokens
     big = jnp.finfo(jnp.float32).max
-    stats = {
-        "advantage_mean": (adv * fm).sum() / count,
-        "advantage_abs_mean": (jnp.abs(adv) * fm).sum() / count,
+    stats |= {
         # k1 estimate of KL(student || teacher) per token on the student's own samples.
         "kl_per_token": ((logp_sg - teacher_logp) * fm).sum() / count,
         "log_ratio_min": jnp.min(jnp.where(fm > 0, log_u, big)),
         "log_ratio_max": jnp.max(jnp.where(fm > 0, log_u, -big)),
         "log_ratio_clip_fraction": sum(clipped) / count,
-        "response_length": fm.sum() / totals.num_rows,
     }
     return adv, stats
+
+
+def _mix(cfg: StepConfig, opd_adv, mask, totals: _Totals, task_adv):
+    """opd_weight x (OPD advantages, group baseline applied) + task_weight x task advantages,
+    and the microbatch's share of the advantage diagnostics (both parts with task rewards)."""
+    if cfg.baseline is not None:
+        opd_adv = estimators.group_baseline(opd_adv, mask, cfg.group_size, kind=cfg.baseline)
+    adv = cfg.opd_weight * opd_adv
+    if cfg.task_weight:
+        adv = adv + cfg.task_weight * task_adv
+    fm = (mask > 0).astype(jnp.float32)
+    mean = lambda x: (x * fm).sum() / totals.num_tokens
+    stats = {
+        "advantage_mean": mean(adv),
+        "advantage_abs_mean": mean(jnp.abs(adv)),
+        "response_length": fm.sum() / totals.num_rows,
+    }
+    if cfg.task_weight:
+        stats["opd_advantage_abs_mean"] = mean(jnp.abs(opd_adv))
+        stats["task_advantage_abs_mean"] = mean(jnp.abs(task_adv))
+    return adv, stats
+
+
+def _hidden(cfg: StepConfig, model, rows: Rollout) -> jax.Array:
+    rows = jax.tree.map(lambda x: _constrain_rows(x, cfg.mesh), rows)
+    return scoring.completion_hidden(
+        model, rows.prompt_tokens, rows.prompt_mask, rows.tokens, rows.mask
+    )
+
+
+def _support_terms(
+    cfg: StepConfig, params, frozen: Frozen, mb: Rollout, spans, totals: _Totals, task_adv
+):
+    """The full-vocabulary (or top-k) OPD term of a microbatch (`fullvocab`, estimator C_gamma):
+    (student log-probs, advantages of the score-function part, per-position divergences D_t,
+    diagnostics). Each row's D_t is against its teacher (and reference); the output layers run
+    `cfg.logits_chunk` positions at a time, so no [R, T, V] logits are held."""
+    student = nnx.merge(cfg.student, params)
+    x_student = _hidden(cfg, student, mb)
+    chunk = cfg.logits_chunk or mb.tokens.shape[1]
+    terms = []
+    for k, (graphdef, teacher_params) in enumerate(zip(cfg.teachers, frozen.teachers, strict=True)):
+        rows = _rows(mb, spans[k])
+        teacher = nnx.merge(graphdef, teacher_params)
+        scorer = lambda model, rows=rows: fullvocab.Scorer(_hidden(cfg, model, rows), model.logits)
+        reference, lam = None, cfg.reward_scales[k]
+        if lam != 1.0:
+            j = cfg.reference_of[k]
+            reference = scorer(nnx.merge(cfg.references[j], frozen.references[j]))
+        terms.append(
+            fullvocab.divergence_terms(
+                fullvocab.Scorer(_rows(x_student, spans[k]), student.logits),
+                scorer(teacher),
+                rows.tokens,
+                rows.mask,
+                divergence=cfg.divergence,
+                reward_scale=lam,
+                reference=reference,
+                vocab_size=cfg.vocab_size,
+                chunk_size=chunk,
+                support=cfg.support,
+                top_k=cfg.top_k,
+                tail=cfg.tail or "renormalize",
+            )
+        )
+    d_BT, logp, teacher_logp = (_concat_rows(list(x)) for x in zip(*terms, strict=True))
+    fm = (mb.mask > 0).astype(jnp.float32)
+    # A_t = -sum_{s>t} discount^(s-t) D_s: later contexts' divergences as rewards (0 at gamma 0).
+    future = estimators.reward_to_go(-jax.lax.stop_gradient(d_BT) * fm, cfg.discount)
+    adv, stats = _mix(cfg, future, mb.mask, totals, task_adv)
+    count = totals.num_tokens
+    stats |= {
+        "divergence_mean": (jax.lax.stop_gradient(d_BT) * fm).sum() / count,
+        "kl_per_token": ((jax.lax.stop_gradient(logp) - teacher_logp) * fm).sum() / count,
+    }
+    return logp, adv, d_BT, stats
 
 
 def _loss_stats(stats: losses.LossStats) -> dict[str, jax.Array]:
@@ -392,19 +554,37 @@ def _apply(opt, state: TrainState, loss, grads, aux):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opt"), donate_argnames=("state",))
-def train_step(cfg: StepConfig, opt, state: TrainState, frozen: Frozen, batch: Rollout):
+def train_step(
+    cfg: StepConfig,
+    opt,
+    state: TrainState,
+    frozen: Frozen,
+    batch: Rollout,
+    task_reward: jax.Array | None = None,
+):
     """One fused on-policy update: student/teacher/reference forwards, advantages, loss, step.
 
     `batch` rows in `cfg.teacher_rows` blocks; split into `cfg.microbatch_rows` microbatches.
+    `task_reward` [B] (e.g. verifier scores) is needed iff `cfg.task_weight` > 0: the advantages
+    are then opd_weight x OPD's + task_weight x the task reward's (`cfg.task_advantage`).
     Returns (new state, metrics); the loss, gradient and metrics are those of the whole batch.
     """
     layout = _layout(cfg, batch.num_rows, routed=True)
     totals, weights_BT = _totals_and_weights(cfg, batch)
+    task_adv_BT, task_stats = _task_advantages(cfg, batch, task_reward)
 
     def loss_fn(params, inputs):
-        mb, weights = inputs
-        logp = _completion_logprobs(cfg, cfg.student, params, mb)
-        adv, stats = _advantages(cfg, frozen, mb, layout.spans, logp, totals)
+        mb, weights, task_adv = inputs
+        if cfg.full_vocabulary:
+            logp, adv, d_BT, stats = _support_terms(
+                cfg, params, frozen, mb, layout.spans, totals, task_adv
+            )
+            # The divergence itself is differentiated (the pathwise part of C_gamma).
+            direct = cfg.opd_weight * jnp.sum(d_BT * jax.lax.stop_gradient(weights))
+        else:
+            logp = _completion_logprobs(cfg, cfg.student, params, mb)
+            adv, stats = _advantages(cfg, frozen, mb, layout.spans, logp, totals, task_adv)
+            direct = 0.0
         loss, loss_stats = losses.pg_loss_and_stats(
             logp,
             adv,
@@ -414,10 +594,36 @@ def train_step(cfg: StepConfig, opt, state: TrainState, frozen: Frozen, batch: R
             token_weights=weights,
             num_tokens=totals.num_tokens,
         )
-        return loss, {**stats, **_loss_stats(loss_stats)}
+        return direct + loss, {**stats, **_loss_stats(loss_stats)}
 
-    loss, grads, metrics = _gradient(cfg, state.params, loss_fn, (batch, weights_BT), layout)
-    return _apply(opt, state, loss, grads, metrics)
+    inputs = (batch, weights_BT, task_adv_BT)
+    loss, grads, metrics = _gradient(cfg, state.params, loss_fn, inputs, layout)
+    return _apply(opt, state, loss, grads, {**metrics, **task_stats})
+
+
+def _task_advantages(cfg: StepConfig, batch: Rollout, task_reward):
+    """Task-reward advantages [B, T] of the whole batch (each row's, on its response tokens) and
+    the batch's mean task reward; (None, {}) when the step does not mix task rewards in."""
+    if not cfg.task_weight:
+        return None, {}
+    if task_reward is None or jnp.shape(task_reward) != (batch.num_rows,):
+        raise ValueError(
+            f"StepConfig.task_weight={cfg.task_weight} needs task_reward, one float per row "
+            f"[{batch.num_rows}]; got {None if task_reward is None else jnp.shape(task_reward)}"
+        )
+    reward = jnp.asarray(task_reward, jnp.float32)
+    adv_B = estimators.task_advantages(reward, cfg.group_size, kind=cfg.task_advantage)
+    adv_BT = adv_B[:, None] * (batch.mask > 0).astype(jnp.float32)
+    return adv_BT, {"task_reward_mean": reward.mean()}
+
+
+def _fused_only(cfg: StepConfig) -> None:
+    if cfg.full_vocabulary:
+        raise ValueError(
+            f"support={cfg.support!r} runs in the fused train_step only (one update per "
+            "rollout): minibatch updates would need the teachers' distributions kept, so use "
+            "loss.num_minibatches=1 or support='sampled'"
+        )
 
 
 class Scored(NamedTuple):
@@ -428,29 +634,37 @@ class Scored(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def score_rollout(cfg: StepConfig, params, frozen: Frozen, batch: Rollout):
+def score_rollout(
+    cfg: StepConfig, params, frozen: Frozen, batch: Rollout, task_reward: jax.Array | None = None
+):
     """Old log-probs and advantages of a rollout, fixed for its minibatch updates, and the
-    advantage diagnostics. Rows in `cfg.teacher_rows` blocks; scored microbatch by microbatch."""
+    advantage diagnostics. Rows in `cfg.teacher_rows` blocks; scored microbatch by microbatch.
+    `task_reward` as in `train_step`. Sampled support only: a full-vocabulary term differentiates
+    the teacher's whole distribution, which minibatch updates would have to keep."""
+    _fused_only(cfg)
     layout = _layout(cfg, batch.num_rows, routed=True)
     totals, _ = _totals_and_weights(cfg, batch)
+    task_adv_BT, task_stats = _task_advantages(cfg, batch, task_reward)
 
-    def score(mb):
+    def score(inputs):
+        mb, task_adv = inputs
         logp = _completion_logprobs(cfg, cfg.student, params, mb)
-        adv, stats = _advantages(cfg, frozen, mb, layout.spans, logp, totals)
+        adv, stats = _advantages(cfg, frozen, mb, layout.spans, logp, totals, task_adv)
         return (logp, adv), stats
 
     if layout.num_microbatches == 1:
-        (logp, adv), stats = score(batch)
-        return Scored(old_logp=logp, advantages=adv), stats
-    (logp, adv), stats_M = jax.lax.map(score, _split(cfg, batch, layout))
+        (logp, adv), stats = score((batch, task_adv_BT))
+        return Scored(old_logp=logp, advantages=adv), {**stats, **task_stats}
+    (logp, adv), stats_M = jax.lax.map(score, _split(cfg, (batch, task_adv_BT), layout))
     logp, adv = _unsplit((logp, adv), layout)
-    return Scored(old_logp=logp, advantages=adv), _reduce_metrics(stats_M)
+    return Scored(old_logp=logp, advantages=adv), {**_reduce_metrics(stats_M), **task_stats}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opt"), donate_argnames=("state",))
 def update_step(cfg: StepConfig, opt, state: TrainState, batch: Rollout, scored: Scored):
     """One minibatch update against fixed old log-probs and advantages (PPO clip, TIS), split
     into `cfg.microbatch_rows` microbatches (any row order: the teachers are not run)."""
+    _fused_only(cfg)
     layout = _layout(cfg, batch.num_rows, routed=False)
     totals, weights_BT = _totals_and_weights(cfg, batch)
 

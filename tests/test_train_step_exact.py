@@ -177,8 +177,11 @@ def _token_target(name, discount, reward_scale=1.0, with_reference=False):
     return _gradient(objective)
 
 
-def _step_config(name, correction, level, discount, reward_scale=1.0, reference=False):
+def _step_config(
+    name, correction, level, discount, reward_scale=1.0, reference=False, support="sampled"
+):
     cfg = train_step.StepConfig(
+        support=support,
         student=STUDENT[0],
         teachers=(TEACHER[0],),
         references=(REFERENCE[0],) if reference else (),
@@ -216,6 +219,15 @@ CASES = {
     "jsd sequence, λ=0.8 with a reference": (
         ("jsd", "opd_plus", "sequence", 0.0, 0.8, True),
         lambda: _sequence_target("jsd", 0.8, True),
+    ),
+    # The full-vocabulary estimator C_γ (support="full"): the same token-level targets.
+    "full vocabulary jsd γ=0": (
+        ("jsd", "opd_plus", "token", 0.0, 1.0, False, "full"),
+        lambda: _token_target("jsd", 0.0),
+    ),
+    "full vocabulary hellinger γ=1, λ=1.25 with a reference": (
+        ("hellinger", "opd_plus", "token", 1.0, 1.25, True, "full"),
+        lambda: _token_target("hellinger", 1.0, 1.25, True),
     ),
     "reverse_kl stop_grad token γ=0 (= OPD+ for KL)": (
         ("reverse_kl", "stop_grad", "token", 0.0),

@@ -67,6 +67,47 @@ def aggregate(rows: Sequence[dict], by: Sequence[str], keys: Sequence[str]) -> l
     return out
 
 
+def paired_differences(
+    runs: Sequence[dict], against: str, keys: Sequence[str], *, level: float = 0.95
+) -> list[dict]:
+    """Per variant label (other than `against`): the differences of `keys` with the `against`
+    run of the same seed (same data order and rollout seed), their mean, a two-sided `level`
+    Student-t confidence interval (n - 1 degrees of freedom) and n. Seeds missing from either
+    side are skipped."""
+    from scipy import stats
+
+    by = {(r["label"], int(float(r["seed"]))): r for r in runs}
+    labels = [lab for lab in dict.fromkeys(r["label"] for r in runs) if lab != against]
+    out = []
+    for label in labels:
+        seeds = sorted(s for (lab, s) in by if lab == label and (against, s) in by)
+        row = {"label": label, "against": against, "n": len(seeds)}
+        for k in keys:
+            d = np.array([float(by[label, s][k]) - float(by[against, s][k]) for s in seeds])
+            mean = float(d.mean()) if len(d) else math.nan
+            half = math.nan
+            if len(d) > 1:
+                t = float(stats.t.ppf(0.5 + level / 2, len(d) - 1))
+                half = t * float(d.std(ddof=1)) / math.sqrt(len(d))
+            row |= {f"{k}_diff": mean, f"{k}_ci_low": mean - half, f"{k}_ci_high": mean + half}
+        out.append(row)
+    return out
+
+
+def paired_table(paired: Sequence[dict], metrics_: Sequence[tuple[str, str, int]]) -> str:
+    """Markdown: one row per variant, each metric as "mean [low, high]" (`paired_differences`)."""
+    header = ["variant", "against", *(title for _, title, _ in metrics_), "seeds"]
+    rows = []
+    for p in paired:
+        cells = [p["label"], p["against"]]
+        for k, _, d in metrics_:
+            cells.append(
+                f"{p[f'{k}_diff']:+.{d}f} [{p[f'{k}_ci_low']:+.{d}f}, {p[f'{k}_ci_high']:+.{d}f}]"
+            )
+        rows.append([*cells, int(p["n"])])
+    return markdown_table(header, rows)
+
+
 def fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"

@@ -21,7 +21,9 @@
 # * `lambda_sweep`: the G-OPD reward scale λ with reference = the base (λ > 1 is ExOPD);
 # * `divergences`: five f-divergences × {stop-grad, OPD+} advantage;
 # * `levels`: token level with γ = 0 or 1, and sequence level;
-# * `multi_teacher`: arithmetic and tool-use teachers merged into one student, OPD vs ExOPD.
+# * `multi_teacher`: arithmetic and tool-use teachers merged into one student, OPD vs ExOPD;
+# * `supports`: the OPD term over the sampled token, the full vocabulary or the teacher's top-k,
+#   and verifier rewards mixed in.
 #
 # Every run's row (`runs.csv`) holds the greedy held-out accuracy at the end, KL(student ‖ teacher)
 # per token on the student's own samples, and the mean of the last 5 training steps' metrics;
@@ -242,6 +244,34 @@ if runs:
         ax.set_title(d)
     fig.suptitle("Multi-teacher merging")
     save(fig, name)
+
+# %% [markdown]
+# ## (e) Support of the OPD term, and task rewards
+#
+# The same OPD+ JSD run with the OPD term over the sampled token, the whole vocabulary (exact per
+# context: unbiased for the same myopic gradient, with less variance) or the teacher's top 4
+# tokens (biased), then with the verifier's 0/1 reward mixed in, and the reward alone. The
+# paired table is each variant minus the sampled run of the same seed, with a 95% t interval.
+
+# %%
+name = "supports"
+runs, refs = load(name), load(name, "references.csv")
+if runs:
+    print(f"## {name}\n")
+    table(runs, ["accuracy", "kl_per_token", "train_accuracy"], refs)
+    fig, ax = plt.subplots(1, 1, figsize=(7, 4))
+    curves(ax, name, refs=refs)
+    fig.suptitle("Support of the OPD term and task rewards")
+    save(fig, name)
+    print("| variant | Δ accuracy vs sampled [95% CI] | Δ KL/token [95% CI] | seeds |")
+    print("|---|---|---|---|")
+    for p in load(name, "paired_difference.csv"):
+        cells = [
+            f"{p[f'{k}_diff']:+.{d}f} [{p[f'{k}_ci_low']:+.{d}f}, {p[f'{k}_ci_high']:+.{d}f}]"
+            for k, d in (("accuracy", 3), ("kl_per_token", 4))
+        ]
+        print(f"| {p['label']} | " + " | ".join(cells) + f" | {int(p['n'])} |")
+    print()
 
 # %% [markdown]
 # ## Reading the numbers

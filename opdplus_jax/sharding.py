@@ -268,6 +268,16 @@ def place_rows(mesh: Mesh | None, *arrays: Any) -> tuple[jax.Array, ...]:
     return tuple(jax.device_put(pad(jnp.asarray(a)), sharding) for a in arrays)
 
 
+def global_rows(mesh: Mesh, x: Any, batch_axes: str | tuple[str, ...] = BATCH_AXES) -> jax.Array:
+    """A [B, ...] array that every process holds whole (e.g. host-side scores of a global batch,
+    computed from `host_array`s), placed with dimension 0 over `batch_axes`: each process puts
+    its devices' rows. Unlike `shard_batch`, no process passes a local part."""
+    x = np.asarray(x)
+    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    spec = PartitionSpec(axes if len(axes) > 1 else axes[0])
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
+
+
 def host_array(x: Any) -> np.ndarray:
     """The whole value of `x` as a NumPy array on every process.
 

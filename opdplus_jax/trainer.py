@@ -241,6 +241,7 @@ def validate(config: config_dict.ConfigDict) -> None:
         raise ValueError("estimator.baseline='loo' needs rollout.num_samples >= 2")
     _off_or_positive(config.train.verify_budget_seconds, "train.verify_budget_seconds")
     _off_or_positive(est.log_ratio_clip, "estimator.log_ratio_clip")
+    _check_support_and_rewards(config)
     _off_or_positive(config.loss.ppo_clip, "loss.ppo_clip")
     _off_or_positive(config.loss.tis_cap, "loss.tis_cap")
     off_policy = [f"rollout.{n}={r[n]!r}" for n in sampled["rollout"].off_policy_fields()]
@@ -273,6 +274,40 @@ def validate(config: config_dict.ConfigDict) -> None:
         )
     teacher_batch_sizes(config)
     _check_memory(config.memory)
+
+
+def _check_support_and_rewards(config: config_dict.ConfigDict) -> None:
+    est, reward = config.estimator, config.reward
+    try:
+        train_step.check_support(
+            est.support,
+            est.top_k,
+            est.tail,
+            level=est.level,
+            correction=est.correction,
+            log_ratio_clip=est.log_ratio_clip,
+        )
+    except ValueError as e:
+        raise ValueError(f"estimator.{e}") from None
+    if est.support != "sampled" and config.loss.num_minibatches != 1:
+        raise ValueError(
+            f"estimator.support={est.support!r} trains with one update per rollout: set "
+            f"loss.num_minibatches=1 (got {config.loss.num_minibatches}) or support='sampled'"
+        )
+    try:
+        train_step.check_task_reward(
+            reward.opd_weight,
+            reward.task_weight,
+            reward.task_advantage,
+            config.rollout.num_samples,
+        )
+    except ValueError as e:
+        raise ValueError(f"reward.{e}") from None
+    if reward.task_weight and not config.train.verify_rollouts:
+        raise ValueError(
+            f"reward.task_weight={reward.task_weight} trains on the verifiers' rewards, but "
+            "train.verify_rollouts is False: set it True, or reward.task_weight=0"
+        )
 
 
 def _check_memory(memory: config_dict.ConfigDict) -> None:
@@ -445,6 +480,12 @@ def step_config(
         discount=float(est.discount),
         log_ratio_clip=_off_or_positive(est.log_ratio_clip, "estimator.log_ratio_clip"),
         baseline=est.baseline,
+        support=est.support,
+        top_k=est.top_k,
+        tail=est.tail,
+        opd_weight=float(config.reward.opd_weight),
+        task_weight=float(config.reward.task_weight),
+        task_advantage=config.reward.task_advantage,
         group_size=n,
         aggregation=config.loss.aggregation,
         ppo_clip=_off_or_positive(config.loss.ppo_clip, "loss.ppo_clip"),
@@ -597,9 +638,12 @@ class Trainer:
             teacher=prompts_batch["teacher"],
         )
 
-    def update(self, state: train_step.TrainState, rollout: Rollout):
+    def update(
+        self, state: train_step.TrainState, rollout: Rollout, task_reward: np.ndarray | None = None
+    ):
         """One fused step, or `loss.num_minibatches` PPO-style minibatch updates against the
-        log-probs and advantages fixed before the first: (new state, metrics).
+        log-probs and advantages fixed before the first: (new state, metrics). `task_reward`
+        [B] (the verifiers' scores of the rows) is needed iff `reward.task_weight` > 0.
 
         With several teachers the rows must come in the step's static teacher blocks
         (`step_cfg.teacher_rows`, as the run's data pipeline lays out its batches): checked here,
@@ -614,10 +658,19 @@ class Trainer:
                     f"(teacher 0's first), got teachers {got.tolist()}: draw the prompts with "
                     "data.PromptPipeline(teacher_batch_sizes=trainer.teacher_batch_sizes(config))"
                 )
-        batch = sharding.shard_batch(rollout, self.mesh)
+        if not cfg.task_weight:
+            task_reward = None
+        elif task_reward is None:
+            raise ValueError(
+                f"reward.task_weight={cfg.task_weight}: pass the rows' verifier scores "
+                "(Trainer.verify_rollouts) as task_reward"
+            )
+        else:  # every process verified the whole batch: place its rows like the rollout's
+            task_reward = sharding.global_rows(self.mesh, np.asarray(task_reward, np.float32))
+        batch, task_reward = sharding.shard_batch((rollout, task_reward), self.mesh)
         if k == 1:
-            return train_step.train_step(cfg, opt, state, self.frozen, batch)
-        scored, stats = train_step.score_rollout(cfg, state.params, self.frozen, batch)
+            return train_step.train_step(cfg, opt, state, self.frozen, batch, task_reward)
+        scored, stats = train_step.score_rollout(cfg, state.params, self.frozen, batch, task_reward)
         size = rollout.num_rows // k
         out = {}
         for i in range(k):
@@ -628,21 +681,25 @@ class Trainer:
             state, out = train_step.update_step(cfg, opt, state, mb, mb_scored)
         return state, {**stats, **out}
 
-    def rollout_rewards(
+    def verify_rollouts(
         self, prompts_batch: dict[str, Any], rollout: Rollout, stats: verifiers.VerifierStats
-    ) -> dict[str, float]:
-        """Verifier accuracy of the training rollouts (logged, never used in the loss), within
-        `train.verify_budget_seconds` for the whole batch; {} with `train.verify_rollouts` off."""
+    ) -> np.ndarray | None:
+        """Verifier scores [B] of the training rollouts; None with `train.verify_rollouts` off.
+
+        Without task rewards (`reward.task_weight` = 0) they are only logged (as `accuracy`), so
+        the whole batch gets at most `train.verify_budget_seconds` (answers left unverified score
+        0 and count as skipped). With task rewards they are the rewards: every row is verified.
+        """
         if not self.config.train.verify_rollouts:
-            return {}
+            return None
         n = self.config.rollout.num_samples
         tokens, mask = sharding.host_array(rollout.tokens), sharding.host_array(rollout.mask)
         texts = self.tokenizer.batch_decode(tokens, mask)
         cols = {k: prompts_batch[k] for k in ("answer", "task", "domain") if k in prompts_batch}
         rows = [{k: v[i // n] for k, v in cols.items()} for i in range(len(texts))]
-        budget = self.config.train.verify_budget_seconds
+        budget = None if self.step_cfg.task_weight else self.config.train.verify_budget_seconds
         scores, _ = verifiers.batch_verify(texts, rows, stats=stats, time_budget_seconds=budget)
-        return {"accuracy": float(np.mean(scores))}
+        return scores
 
     def teacher_logprobs(self, rollout: Rollout, teacher: int | None = None) -> jax.Array:
         """[B, T] log-probs of the rollout's completions under teacher `teacher`, or with None
@@ -845,10 +902,11 @@ class Trainer:
                 jax.block_until_ready(rollout.tokens)
             faults.point("rollout")
             with timer("reward"):
-                rewards = self.rollout_rewards(prompts_batch, rollout, verifier_stats)
+                scores = self.verify_rollouts(prompts_batch, rollout, verifier_stats)
             with timer("update"):
-                state, step_metrics = self.update(state, rollout)
+                state, step_metrics = self.update(state, rollout, scores)
                 step_metrics = jax.device_get(step_metrics)
+            rewards = {} if scores is None else {"accuracy": float(np.mean(scores))}
             faults.point("update")
             tokens = float(sharding.host_array(rollout.mask).sum())
             row = {

@@ -63,3 +63,22 @@ def test_a_bad_config_is_refused_in_plain_words():
     with pytest.raises(SystemExit, match="divergence"):
         audit.main(["opdplus-audit", f"--config={CONFIG_FILE}:cpu",
                     "--config.estimator.divergence=nope"])  # fmt: skip
+
+
+def test_a_full_vocabulary_support_is_audited_as_configured():
+    """estimator.support reaches the audit: full is exact, a teacher top-k support of fewer
+    tokens than the vocabulary is biased, and the sampled alternative is listed."""
+    config = default.get_config("cpu")
+    config.estimator.support = "full"
+    rows = _rows(config)
+    assert rows["configured"]["correction"] == "opd_plus (full vocabulary)"
+    assert rows["configured"]["relative_bias"] < 1e-9
+    assert "support=sampled" in rows and "support=full" not in rows
+    config.estimator.support, config.estimator.top_k = "teacher_topk", 1
+    config.estimator.tail = "renormalize"
+    rows = _rows(config)
+    assert (
+        rows["configured"]["relative_bias"] > 0.1 and rows["support=full"]["relative_bias"] < 1e-9
+    )
+    config.estimator.top_k = 50  # more than the problem's 3 tokens: the whole vocabulary
+    assert _rows(config)["configured"]["relative_bias"] < 1e-9

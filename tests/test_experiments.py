@@ -18,7 +18,7 @@ from experiments import common, outputs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # script -> number of variants in --quick mode
-SCRIPTS = {"lambda_sweep": 2, "divergences": 2, "levels": 2, "multi_teacher": 2}
+SCRIPTS = {"lambda_sweep": 2, "divergences": 2, "levels": 2, "multi_teacher": 2, "supports": 2}
 SEEDS = 2
 FILES = ("runs.csv", "curves.csv", "summary.csv", "references.csv", "results.md", "meta.json")
 
@@ -132,3 +132,26 @@ def test_aggregate_mean_and_sample_std():
         common.run_grid(common.parse_args("x", "", ["--quick"]),
                         [common.Variant("same", {}), common.Variant("same", {})],
                         lambda o, s: None, kl_teacher={})  # fmt: skip
+
+
+def test_supports_pairs_against_the_sampled_run(quick_results):
+    tmp, _ = quick_results
+    paired = _rows(tmp / "results" / "supports" / "paired_difference.csv")
+    assert [(p["label"], p["against"]) for p in paired] == [("full", "sampled")]
+    p = paired[0]
+    low, mid, high = (float(p[f"accuracy_{k}"]) for k in ("ci_low", "diff", "ci_high"))
+    assert low <= mid <= high
+
+
+def test_paired_differences_use_a_t_interval():
+    runs = [{"label": lab, "seed": s, "v": v}
+            for lab, vals in (("a", (1.0, 2.0, 3.0)), ("b", (2.0, 2.0, 5.0)))
+            for s, v in enumerate(vals)]  # fmt: skip
+    (row,) = outputs.paired_differences(runs, "a", ["v"])
+    d = [1.0, 0.0, 2.0]
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t_{0.975, 2} x sample std / sqrt(n)
+    assert (row["label"], row["against"], row["n"]) == ("b", "a", 3)
+    assert row["v_diff"] == pytest.approx(sum(d) / 3)
+    assert row["v_ci_low"] == pytest.approx(1.0 - half) and row["v_ci_high"] == pytest.approx(
+        1.0 + half
+    )

@@ -468,6 +468,11 @@ def test_a_refused_resume_writes_nothing(assets, tmp_path):
         # 8 rows of 4 prompts x 2 samples, on one device:
         ("memory.microbatch_rows", 3, "3 rows per microbatch is not a multiple of rollout."),
         ("memory.microbatch_rows", 6, "6 rows per microbatch does not divide the 8 rows"),
+        ("estimator.support", "topk", "estimator.support must be one of sampled, full"),
+        ("estimator.top_k", 4, "estimator.support='sampled' takes no top_k or tail"),
+        ("reward.task_weight", -1.0, "reward.task_weight must be a number >= 0"),
+        ("reward.opd_weight", 0.0, "reward.opd_weight and task_weight are both 0"),
+        ("reward.task_advantage", "mean_std", "reward.task_advantage must be one of"),
     ],
 )
 def test_bad_settings_are_refused_before_any_model_loads(assets, tmp_path, field, value, match):
@@ -606,3 +611,47 @@ def test_off_policy_sampling_needs_the_is_correction(assets, field, value):
     trainer.validate(_config(assets, **{field: value, "loss.tis_cap": 2.0}))
     for preset in ("cpu", "strong_to_weak", "qwen3_exopd", "multi_teacher"):
         trainer.validate(default_config.get_config(preset))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"estimator.support": "full", "estimator.level": "sequence"}, "needs level='token'"),
+        ({"estimator.support": "teacher_topk", "estimator.top_k": 4}, "tail must be one of"),
+        ({"estimator.support": "full", "loss.num_minibatches": 2}, "loss.num_minibatches=1"),
+        ({"reward.task_weight": 1.0, "rollout.num_samples": 1}, "at least 2 samples per prompt"),
+        ({"reward.task_weight": 1.0, "train.verify_rollouts": False}, "verify_rollouts is False"),
+    ],
+)
+def test_support_and_reward_combinations_are_refused_with_the_fix(assets, tmp_path, overrides,
+                                                                   match):  # fmt: skip
+    config = _config(assets, **overrides, **{"student.path": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match=re.escape(match)):
+        trainer.validate(config)
+
+
+def test_teacher_topk_with_task_rewards_trains_end_to_end(assets, tmp_path):
+    """support=teacher_topk (chunked) mixed with verifier rewards: a short run whose metrics
+    show both parts of the advantage, against the same run without task rewards."""
+    common = {
+        "train.num_steps": 2,
+        "estimator.support": "teacher_topk",
+        "estimator.top_k": 8,
+        "estimator.tail": "bucket",
+        "estimator.discount": 1.0,
+        "memory.logits_chunk": 4,
+    }
+    mixed = _config(assets, **common, **{"reward.task_weight": 0.5})
+    _train(mixed, tmp_path / "mixed")
+    rows = [r for r in metrics.read_jsonl(tmp_path / "mixed" / "metrics.jsonl")
+            if r["split"] == "train"]  # fmt: skip
+    assert len(rows) == 2
+    for row in rows:
+        assert row["skipped"] == 0.0 and np.isfinite(row["loss"])
+        assert row["divergence_mean"] > 0
+        assert row["task_reward_mean"] == pytest.approx(row["accuracy"])
+        for key in ("opd_advantage_abs_mean", "task_advantage_abs_mean"):
+            assert key in row
+    _train(_config(assets, **common), tmp_path / "pure")
+    pure = metrics.read_jsonl(tmp_path / "pure" / "metrics.jsonl")
+    assert "task_reward_mean" not in next(r for r in pure if r["split"] == "train")

@@ -75,12 +75,19 @@ class Row:
     configured: bool = False
 
 
-def configured_estimator(config) -> Any:
-    """The `exact.Estimator` of a training config (first teacher's reward scale)."""
+def configured_estimator(config, vocab: int | None = None) -> Any:
+    """The `exact.Estimator` of a training config (first teacher's reward scale). A top-k
+    support keeps min(top_k, `vocab`) tokens of the tabular problem's vocabulary."""
     est = config.estimator
     teacher = next(iter(config.teachers.values()))
     baseline = est.baseline
+    support = {}
+    if est.support != "sampled":
+        top_k = est.top_k if vocab is None or est.top_k is None else min(est.top_k, vocab)
+        support = {"full_vocab": True, "support": est.support, "top_k": top_k,
+                   "tail": est.tail or "renormalize"}  # fmt: skip
     return Estimator(
+        **support,
         divergence=divergences.get(est.divergence, **dict(est.divergence_params)),
         correction=est.correction,
         level=est.level,
@@ -93,11 +100,15 @@ def configured_estimator(config) -> Any:
     )
 
 
-def rows_for(config) -> list[Row]:
+def rows_for(config, vocab: int | None = None) -> list[Row]:
     """The configured estimator, its alternatives and the peer presets."""
-    base = configured_estimator(config)
+    configured = configured_estimator(config, vocab)
     rep = dataclasses.replace
-    rows = [Row("configured", base, configured=True)]
+    rows = [Row("configured", configured, configured=True)]
+    # The sampled-token alternatives (of the same divergence, level, discount, ...).
+    base = rep(configured, full_vocab=False, support="full", top_k=None, tail="renormalize")
+    if configured.full_vocab:
+        rows.append(Row("support=sampled", base))
     rows.append(Row("opd_plus", rep(base, correction="opd_plus")))
     rows.append(Row("stop_grad, registered gauge", rep(base, correction="stop_grad")))
     c = sublinear_gauge(base.divergence)
@@ -120,10 +131,13 @@ def rows_for(config) -> list[Row]:
         rows.append(Row("baseline=None", rep(base, baseline=None, batch_size=1)))
     if base.log_ratio_clip is None:
         rows.append(Row("log_ratio_clip=1", rep(base, log_ratio_clip=1.0)))
-    if base.level == "token" and base.reward_scale == 1.0:
-        topk = rep(base, correction="opd_plus", full_vocab=True, support="teacher_topk", top_k=2,
-                   tail="renormalize", baseline=None, batch_size=1)  # fmt: skip
-        rows.append(Row("support=teacher top-2, renormalised", topk))
+    if base.level == "token" and base.correction == "opd_plus":
+        full = rep(base, full_vocab=True, log_ratio_clip=None, baseline=None, batch_size=1)
+        if configured.support != "full" or not configured.full_vocab:
+            rows.append(Row("support=full", full))
+        if base.reward_scale == 1.0:
+            topk = rep(full, support="teacher_topk", top_k=2, tail="renormalize")
+            rows.append(Row("support=teacher top-2, renormalised", topk))
     # Peer defaults, whatever the config says.
     rkl = divergences.get("reverse_kl")
     token = {"level": "token", "reward_scale": 1.0, "log_ratio_clip": None, "baseline": None,
@@ -160,7 +174,7 @@ def audit(
         problem = Problem.random(seed, vocab_size=vocab, horizon=horizon,
                                  teacher_distance=distance,
                                  eos_id=vocab - 1 if eos else None)  # fmt: skip
-        for row in rows_for(config):
+        for row in rows_for(config, vocab):
             e = row.estimator
             report = evaluate(problem, e)
             mean, target = report.expectation.ravel(), report.target.ravel()

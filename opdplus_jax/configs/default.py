@@ -58,6 +58,23 @@ def _base() -> config_dict.ConfigDict:
     c.estimator.log_ratio_clip = config_dict.placeholder(float)
     # Per-prompt baseline over its n samples: None (off) | loo | mean | mean_std.
     c.estimator.baseline = config_dict.placeholder(str)
+    # Which tokens the OPD term sums over: sampled (the sampled token's advantage, every
+    # estimator above) | full (the whole vocabulary's divergence at each visited context) |
+    # teacher_topk | student_topk (the top_k tokens of that model, with tail: renormalize |
+    # bucket). The non-sampled supports are token level and exact (opd_plus), computed
+    # memory.logits_chunk positions at a time (opdplus_jax.fullvocab).
+    c.estimator.support = "sampled"
+    c.estimator.top_k = config_dict.placeholder(int)
+    c.estimator.tail = config_dict.placeholder(str)
+
+    # Verifiable task rewards mixed into the advantages: opd_weight x OPD's + task_weight x the
+    # verifier reward's (group_norm: (r - mean) / std over a prompt's samples | loo: r - the
+    # others' mean). task_weight > 0 verifies every rollout (train.verify_budget_seconds does
+    # not apply: an unverified answer would be a wrong reward).
+    c.reward = config_dict.ConfigDict()
+    c.reward.opd_weight = 1.0
+    c.reward.task_weight = 0.0
+    c.reward.task_advantage = "group_norm"
 
     # Rollouts (opdplus_jax.sampling).
     c.rollout = config_dict.ConfigDict()

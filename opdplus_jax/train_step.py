@@ -218,8 +218,8 @@ def check_task_reward(opd_weight: Any, task_weight: Any, task_advantage: str, gr
         )
     if task_weight and group_size < 2:
         raise ValueError(
-            f"a task-reward advantage ({task_advantage}) compares a prompt's samples: it needs "
-            f"at least 2 samples per prompt, got {group_size}"
+            f"task_weight={task_weight} needs at least 2 samples per prompt (the task advantage "
+            f"{task_advantage!r} compares a prompt's samples); got {group_size}"
         )
 
 

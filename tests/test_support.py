@@ -321,7 +321,7 @@ def test_task_advantages_values():
         ({"task_weight": -1.0}, "task_weight must be a number >= 0"),
         ({"task_weight": 1.0, "task_advantage": "mean"}, "task_advantage must be one of"),
         ({"task_weight": 1.0, "group_size": 1, "teacher_rows": None, "teachers": (TEACHERS[0][0],),
-          "reward_scales": (1.0,), "reference_of": (None,)}, "at least 2 samples per prompt"),
+          "reward_scales": (1.0,), "reference_of": (None,)}, "needs at least 2 samples per prompt"),
     ],
 )  # fmt: skip
 def test_unsupported_combinations_name_the_valid_ones(change, match):

@@ -52,6 +52,10 @@ class Rollout:
       teacher: [B] int32 index of the teacher that scores each row (0 with one teacher).
       row_id: [B] int32 position of the row in the request (prompt-major); keys its randomness.
       group_id: [B] int32 index of the row's prompt in the request.
+      teacher_prompt_tokens, teacher_prompt_mask: [B, P'] left-padded prompts the teachers (and
+        their references) score the completion after, when they differ from the student's
+        (teacher-side context: a teacher's own chat template, privileged fields of the data
+        row); None: the teachers score after `prompt_tokens`. See `for_teacher`.
     """
 
     prompt_tokens: jax.Array
@@ -63,10 +67,21 @@ class Rollout:
     teacher: jax.Array
     row_id: jax.Array
     group_id: jax.Array
+    teacher_prompt_tokens: jax.Array | None = None
+    teacher_prompt_mask: jax.Array | None = None
 
     @property
     def num_rows(self) -> int:
         return self.tokens.shape[0]
+
+    def for_teacher(self) -> Rollout:
+        """The rollout as its teachers score it: their prompts in place of the student's (the
+        same rollout without teacher prompts)."""
+        if self.teacher_prompt_tokens is None:
+            return self
+        return self.replace(
+            prompt_tokens=self.teacher_prompt_tokens, prompt_mask=self.teacher_prompt_mask
+        )
 
 
 @dataclasses.dataclass(frozen=True)

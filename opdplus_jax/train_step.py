@@ -360,7 +360,7 @@ def _advantages(
     logp_sg = jax.lax.stop_gradient(student_logp)
     k_teachers = len(cfg.teachers)
     teacher_logps = [
-        _completion_logprobs(cfg, g, p, _rows(mb, span))
+        _completion_logprobs(cfg, g, p, _rows(mb, span).for_teacher())
         for g, p, span in zip(cfg.teachers, frozen.teachers, spans, strict=True)
     ]
     ref_logps: list[jax.Array | None] = [None] * k_teachers
@@ -368,7 +368,8 @@ def _advantages(
         users = [k for k in range(k_teachers) if cfg.reference_of[k] == j]
         if not users:
             continue
-        logp = _completion_logprobs(cfg, g, p, _concat_rows([_rows(mb, spans[k]) for k in users]))
+        rows = _concat_rows([_rows(mb, spans[k]) for k in users]).for_teacher()
+        logp = _completion_logprobs(cfg, g, p, rows)
         offset = 0
         for k in users:
             ref_logps[k] = logp[offset : offset + spans[k][1]]
@@ -450,7 +451,10 @@ def _support_terms(
     for k, (graphdef, teacher_params) in enumerate(zip(cfg.teachers, frozen.teachers, strict=True)):
         rows = _rows(mb, spans[k])
         teacher = nnx.merge(graphdef, teacher_params)
-        scorer = lambda model, rows=rows: fullvocab.Scorer(_hidden(cfg, model, rows), model.logits)
+        teacher_rows = rows.for_teacher()
+        scorer = lambda model, rows=teacher_rows: fullvocab.Scorer(
+            _hidden(cfg, model, rows), model.logits
+        )
         reference, lam = None, cfg.reward_scales[k]
         if lam != 1.0:
             j = cfg.reference_of[k]

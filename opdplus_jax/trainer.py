@@ -60,7 +60,7 @@ from opdplus_jax.rollout import (
     check_engine,
     make_engine,
 )
-from opdplus_jax.tokenizer import Tokenizer, check_compatible
+from opdplus_jax.tokenizer import Tokenizer, check_compatible, generation_eos_ids
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +261,17 @@ def validate(config: config_dict.ConfigDict) -> None:
             raise ValueError(f"teachers.{name}.reward_scale must be finite, got {lam}")
         if t.reference == "none":
             raise ValueError(f"teachers.{name}.reference: no reference is None, not 'none'")
+        if t.template is not None and t.template not in TEMPLATES:
+            raise ValueError(
+                f"teachers.{name}.template must be None (the student's prompt) or one of "
+                f"{', '.join(TEMPLATES)}; got {t.template!r}"
+            )
+        if t.context_field is not None and t.context_field not in data.FIELDS:
+            raise ValueError(
+                f"teachers.{name}.context_field={t.context_field!r} is not a data field; valid: "
+                f"{', '.join(data.FIELDS)}"
+            )
+        _off_or_at_least_one(t.max_prompt_len, f"teachers.{name}.max_prompt_len")
         if lam != 1.0 and t.reference is None:
             raise ValueError(
                 f"teachers.{name}.reward_scale={lam} needs a reference model: set "
@@ -445,6 +456,62 @@ def _check_scores_like_student(what: str, path: str, tokenizer, student_cfg, mod
         ) from None
 
 
+TEMPLATES = ("own",)
+
+
+def teacher_prompts(
+    config: config_dict.ConfigDict, tokenizer: Tokenizer
+) -> list[data.TeacherPrompt | None]:
+    """Per teacher (config order): how its prompt is rendered, or None when it scores the
+    completion after the student's prompt (no `template` and no `context_field`)."""
+    out = []
+    for name, t in config.teachers.items():
+        if t.template is None and t.context_field is None:
+            out.append(None)
+            continue
+        own = t.template == "own"
+        out.append(
+            data.TeacherPrompt(
+                tokenizer=_folder_tokenizer(t.path, tokenizer) if own else tokenizer,
+                max_len=t.max_prompt_len or config.rollout.max_prompt_len,
+                context_field=t.context_field,
+                context_format=t.context_format,
+                system_prompt=config.data.system_prompt,
+                name=name,
+            )
+        )
+    return out
+
+
+def teacher_mismatches(config: config_dict.ConfigDict, tokenizer: Tokenizer) -> list[str]:
+    """What may make a teacher score the student's completions wrongly, in words: a teacher
+    whose end-of-sequence ids do not include the student's EOS (it scores the student's stop as
+    an ordinary token), or whose own chat template differs from the student's while it scores
+    the student's prompt (`teachers.<name>.template` None). [] when they agree."""
+    out = []
+    for name, t in config.teachers.items():
+        own_tokenizer = _folder_tokenizer(t.path, tokenizer)
+        teacher_eos = set(own_tokenizer.eos_ids) | set(generation_eos_ids(t.path))
+        eos = tokenizer.eos_id
+        if eos is not None and eos not in teacher_eos:
+            token = tokenizer.hf.convert_ids_to_tokens(eos)
+            out.append(
+                f"teachers.{name} ({t.path}) ends sequences with token ids {sorted(teacher_eos)}, "
+                f"the student with {eos} ({token!r}): the teacher scores the student's stop as "
+                "an ordinary token. Use a teacher with the student's EOS, or check its "
+                "generation_config.json"
+            )
+        student_template = getattr(tokenizer.hf, "chat_template", None)
+        teacher_template = getattr(own_tokenizer.hf, "chat_template", None)
+        if t.template is None and teacher_template and teacher_template != student_template:
+            out.append(
+                f"teachers.{name} ({t.path}) has its own chat template, different from the "
+                "student's, but scores completions after the student's prompt: set "
+                f"teachers.{name}.template='own' to render its prompt with its own template"
+            )
+    return out
+
+
 def step_config(
     config: config_dict.ConfigDict,
     *,
@@ -528,6 +595,7 @@ class Trainer:
     frozen: train_step.Frozen
     # Derived from the above (replace them on an instance to change how it samples or steps).
     teacher_names: list[str] = dataclasses.field(init=False)
+    teacher_prompts: list[data.TeacherPrompt | None] = dataclasses.field(init=False)
     engine: RolloutEngine = dataclasses.field(init=False)
     eval_engine: RolloutEngine = dataclasses.field(init=False)
     optimizer: Any = dataclasses.field(init=False)
@@ -549,6 +617,7 @@ class Trainer:
             **engine_memory(self.config),
         )
         self.teacher_names = list(self.config.teachers.keys())
+        self.teacher_prompts = teacher_prompts(self.config, self.tokenizer)
         engine = partial(make_engine, r.engine, self.step_cfg.student, slots=r.slots)
         self.engine = engine(rollout)
         self.eval_engine = engine(held_out)
@@ -606,6 +675,8 @@ class Trainer:
             teachers=tuple(nnx.split(m, nnx.Param)[1] for m in teachers),
             references=tuple(nnx.split(m, nnx.Param)[1] for m in references),
         )
+        for message in teacher_mismatches(config, tokenizer):
+            logger.warning("%s", message)
         return cls(config, mesh, tokenizer, student, step_cfg, frozen)
 
     # ------------------------------------------------------------------------------ one step
@@ -630,13 +701,52 @@ class Trainer:
     def rollout(self, params, prompts_batch: dict[str, Any], key: jax.Array) -> Rollout:
         """`rollout.num_samples` responses per prompt of a data batch (`prompt_tokens`, and
         `teacher` indices) from the student with `params`."""
-        return self.engine.generate(
+        n = self.config.rollout.num_samples
+        rollout = self.engine.generate(
             params,
             prompts_batch["prompt_tokens"],
             rng=key,
-            num_samples=self.config.rollout.num_samples,
+            num_samples=n,
             teacher=prompts_batch["teacher"],
         )
+        if "teacher_prompt_ids" not in prompts_batch:
+            return rollout
+        # Teacher-side context: every row's teacher prompt (rows are prompt-major).
+        rows = lambda x: sharding.global_rows(self.mesh, np.repeat(np.asarray(x), n, axis=0))
+        return rollout.replace(
+            teacher_prompt_tokens=rows(prompts_batch["teacher_prompt_ids"]),
+            teacher_prompt_mask=rows(prompts_batch["teacher_prompt_mask"]),
+        )
+
+    def eos_logprobs(self, params, rollout: Rollout) -> dict[str, float]:
+        """Mean log-prob of the student's end-of-sequence tokens (the rows that stopped) under
+        the student (with `params`) and under each row's teacher: `eos_logprob/student`,
+        `eos_logprob/<name>`. A teacher far below the student does not expect the student's
+        stop there (a template or EOS mismatch); `train` reports it on its first step. {} when
+        no row stopped."""
+        mask = sharding.host_array(rollout.mask)
+        tokens = sharding.host_array(rollout.tokens)
+        lengths = mask.sum(axis=1)
+        rows = np.nonzero(lengths > 0)[0]
+        last = lengths[rows] - 1
+        stopped = np.isin(tokens[rows, last], self.engine.sampling.stop_token_ids)
+        rows, last = rows[stopped], last[stopped]
+        if not len(rows):
+            return {}
+        student = scoring.rollout_logprobs(
+            (self.step_cfg.student, params),
+            rollout,
+            vocab_size=self.step_cfg.vocab_size,
+            chunk_size=self.step_cfg.logits_chunk,
+        )
+        out = {"eos_logprob/student": float(np.mean(np.asarray(student)[rows, last]))}
+        teacher = np.asarray(self.teacher_logprobs(rollout))
+        routes = sharding.host_array(rollout.teacher)[rows]
+        for k, name in enumerate(self.teacher_names):
+            mine = routes == k
+            if mine.any():
+                out[f"eos_logprob/{name}"] = float(np.mean(teacher[rows[mine], last[mine]]))
+        return out
 
     def update(
         self, state: train_step.TrainState, rollout: Rollout, task_reward: np.ndarray | None = None
@@ -714,7 +824,7 @@ class Trainer:
         model = (self.step_cfg.teachers[teacher], self.frozen.teachers[teacher])
         cfg = self.step_cfg
         return scoring.rollout_logprobs(
-            model, rollout, vocab_size=cfg.vocab_size, chunk_size=cfg.logits_chunk
+            model, rollout.for_teacher(), vocab_size=cfg.vocab_size, chunk_size=cfg.logits_chunk
         )
 
     # ------------------------------------------------------------------------------ evaluation
@@ -851,6 +961,7 @@ class Trainer:
             max_prompt_len=config.rollout.max_prompt_len,
             seed=config.seed,
             teachers=self.teacher_names,  # a record naming another teacher is an error
+            teacher_prompts=self.teacher_prompts,
             # Several teachers: every batch is a fixed block of prompts per teacher.
             teacher_batch_sizes=teacher_batch_sizes(config)
             if len(self.teacher_names) > 1
@@ -901,6 +1012,10 @@ class Trainer:
                 rollout = self.rollout(state.params, prompts_batch, step_key)
                 jax.block_until_ready(rollout.tokens)
             faults.point("rollout")
+            checks = {}
+            if step == start:  # does each teacher expect the student's stops?
+                checks = self.eos_logprobs(state.params, rollout)
+                _warn_unexpected_stops(checks)
             with timer("reward"):
                 scores = self.verify_rollouts(prompts_batch, rollout, verifier_stats)
             with timer("update"):
@@ -911,6 +1026,7 @@ class Trainer:
             tokens = float(sharding.host_array(rollout.mask).sum())
             row = {
                 **step_metrics,
+                **checks,
                 **rewards,
                 **verifier_stats.metrics(),
                 **timer.summary(),
@@ -958,6 +1074,25 @@ class Trainer:
         writer.close()
         ckpt.close()
         return last_eval
+
+
+# A teacher whose mean log-prob of the student's stops is this many nats below the student's
+# gives them e^-2 (about 1/7) of the probability: reported as a likely template or EOS mismatch.
+EOS_GAP_NATS = 2.0
+
+
+def _warn_unexpected_stops(eos: dict[str, float]) -> None:
+    student = eos.get("eos_logprob/student")
+    for key, value in eos.items():
+        if key == "eos_logprob/student" or student is None or student - value <= EOS_GAP_NATS:
+            continue
+        name = key.split("/", 1)[1]
+        logger.warning(
+            "teachers.%s gives the student's end-of-sequence tokens a mean log-prob of %.2f, "
+            "against %.2f under the student (%.2f nats lower): it does not expect the student "
+            "to stop there. Check its chat template (teachers.%s.template) and EOS ids",
+            name, value, student, student - value, name,
+        )  # fmt: skip
 
 
 def train_and_evaluate(

@@ -171,9 +171,13 @@ def teacher(
     reward_scale: float = 1.0,
     reference: str | None = None,
     prompts_per_batch: int | None = None,
+    template: str | None = None,
+    context_field: str | None = None,
+    context_format: str = "{prompt}\n\n{context}",
+    max_prompt_len: int | None = None,
 ) -> config_dict.ConfigDict:
     """One entry of `config.teachers`: checkpoint folder, reward scale lambda, reference model,
-    and its prompts per batch.
+    its prompts per batch, and the prompt it scores after (teacher-side context).
 
     Args:
       path: the teacher's Hugging Face checkpoint folder.
@@ -183,6 +187,13 @@ def teacher(
       prompts_per_batch: prompts of every batch drawn from this teacher's records (its rows are
         one static block of the batch). None for every teacher splits data.batch_size equally;
         set it for every teacher (summing to data.batch_size) for other shares.
+      template: None (the teacher scores the completion after the student's prompt) or "own"
+        (its prompt rendered with the chat template of its own folder's tokenizer).
+      context_field: a data field (e.g. "solution") placed in the teacher's user turn with
+        `context_format` (privileged context, as in on-policy self-distillation); None: none.
+      context_format: str.format template of that user turn, with {prompt} and {context}.
+      max_prompt_len: token limit of the teacher's prompt (None: rollout.max_prompt_len); a
+        record over it is dropped and counted.
 
     Returns:
       An unlocked ConfigDict, to be assigned to `config.teachers.<name>`.
@@ -192,6 +203,10 @@ def teacher(
     t.reward_scale = reward_scale
     t.reference = config_dict.FieldReference(reference, field_type=str)
     t.prompts_per_batch = config_dict.FieldReference(prompts_per_batch, field_type=int)
+    t.template = config_dict.FieldReference(template, field_type=str)
+    t.context_field = config_dict.FieldReference(context_field, field_type=str)
+    t.context_format = context_format
+    t.max_prompt_len = config_dict.FieldReference(max_prompt_len, field_type=int)
     return t
 
 

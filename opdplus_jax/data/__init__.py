@@ -7,11 +7,13 @@ from opdplus_jax.data.pipeline import (
     sft_batches,
 )
 from opdplus_jax.data.records import FIELDS, load_records, records_from, write_parquet
+from opdplus_jax.data.teacher_prompts import TeacherPrompt
 
 __all__ = [
     "FIELDS",
     "PromptPipeline",
     "SFTPipeline",
+    "TeacherPrompt",
     "chat_prompt_texts",
     "load_records",
     "records_from",

@@ -26,6 +26,8 @@ batch i concatenates batch i of every stream: deterministic and resumable as abo
     prompt_mask    int32 [B, P]          1 = real token
     prompt_lens    int32 [B]
     teacher        int32 [B]             index into `teachers` (0 when a record names none)
+    teacher_prompt_ids, teacher_prompt_mask  int32 [B, P']  with `teacher_prompts` only: the
+                                         prompt each row's teacher scores after (left-padded)
     index          int64 [B]             record position in the source (line order)
     epoch          int32 [B]
     prompt, answer, teacher_name, domain, task: lists of B strings (None where absent)
@@ -51,6 +53,7 @@ import grain
 import numpy as np
 
 from opdplus_jax.data.records import records_from
+from opdplus_jax.data.teacher_prompts import TeacherPrompt, teacher_prompt_tokens
 from opdplus_jax.tokenizer import Tokenizer, pad_sequences
 
 logger = logging.getLogger(__name__)
@@ -271,6 +274,11 @@ class PromptPipeline(_BatchStream):
       drop_remainder: only full batches (default); False keeps a final smaller batch.
       require_answer: records must have an ``answer`` (rewards and eval need it).
       system_prompt: optional system turn before every prompt.
+      teacher_prompts: per teacher (in `teachers` order) a `TeacherPrompt` rendering the prompt
+        that teacher scores the completions after (its own chat template, privileged context),
+        or None for the student's prompt. With any, batches add `teacher_prompt_ids` and
+        `teacher_prompt_mask` [B, P'] (P' = the longest limit); a record whose teacher prompt
+        exceeds its limit is dropped and counted as `teacher_prompt_too_long`.
       read_options: grain read options (default: no background threads).
     """
 
@@ -289,6 +297,7 @@ class PromptPipeline(_BatchStream):
         drop_remainder: bool = True,
         require_answer: bool = True,
         system_prompt: str | None = None,
+        teacher_prompts: Sequence[TeacherPrompt | None] | None = None,
         read_options: grain.ReadOptions | None = None,
     ):
         if teacher_batch_sizes is not None and (
@@ -312,6 +321,22 @@ class PromptPipeline(_BatchStream):
             reason="prompt_too_long",
             what="prompts",
         )
+        builders = list(teacher_prompts or ())
+        if any(b is not None for b in builders):
+            own = teacher_prompt_tokens(builders, records, teacher_ids, where)
+            items, dropped = _teacher_prompt_items(items, own, builders)
+            self.stats["dropped"]["teacher_prompt_too_long"] = dropped
+            self.stats["num_dropped"] += dropped
+            self.stats["num_kept"] = len(items)
+            if not items:
+                raise ValueError(
+                    f"{where}: every record's teacher prompt is longer than its limit "
+                    "(teachers.<name>.max_prompt_len): raise it"
+                )
+            limits = [b.max_len for b in builders if b is not None]
+            self.teacher_prompt_len = max(max_prompt_len, *limits)
+        else:
+            self.teacher_prompt_len = None
         self.max_prompt_len = max_prompt_len
         self.pad_id = tokenizer.pad_id
         self.teachers = None if teachers is None else list(teachers)
@@ -337,6 +362,7 @@ class PromptPipeline(_BatchStream):
                 "teacher_batch_sizes": None
                 if teacher_batch_sizes is None
                 else [int(x) for x in teacher_batch_sizes],
+                "teacher_prompts": [None if b is None else b.describe() for b in builders],
             },
             strata=None if teacher_batch_sizes is None else tuple(teacher_batch_sizes),
         )
@@ -345,7 +371,26 @@ class PromptPipeline(_BatchStream):
         batch = self._common(rows)
         tokens = [list(item["tokens"]) for _, item in rows]
         ids, mask = pad_sequences(tokens, self.pad_id, length=self.max_prompt_len, side="left")
-        return {"prompt_tokens": tokens, "prompt_ids": ids, "prompt_mask": mask, **batch}
+        out = {"prompt_tokens": tokens, "prompt_ids": ids, "prompt_mask": mask, **batch}
+        if self.teacher_prompt_len is not None:
+            own = [list(item["teacher_tokens"] or item["tokens"]) for _, item in rows]
+            out["teacher_prompt_ids"], out["teacher_prompt_mask"] = pad_sequences(
+                own, self.pad_id, length=self.teacher_prompt_len, side="left"
+            )
+        return out
+
+
+def _teacher_prompt_items(items, own, builders) -> tuple[list[dict], int]:
+    """`items` with their teacher's prompt tokens (`teacher_tokens`, None for the student's
+    prompt), those over their teacher's limit dropped; and the number dropped."""
+    kept, dropped = [], 0
+    for item in items:
+        tokens = own[item["index"]]
+        if tokens is not None and len(tokens) > builders[item["teacher"]].max_len:
+            dropped += 1
+            continue
+        kept.append({**item, "teacher_tokens": None if tokens is None else tuple(tokens)})
+    return kept, dropped
 
 
 class SFTPipeline(_BatchStream):

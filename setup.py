@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1,<3",
     "tqdm>=4.66,<5",
     "math-verify>=0.9,<0.10",
+    "qwix>=0.1.8,<0.2",
 ]
 
 EXTRAS = {

@@ -43,7 +43,8 @@ from opdplus_jax import demo, metrics, models, sharding, trainer
 from opdplus_jax.tokenizer import Tokenizer
 
 TRAIN_TAIL = 5  # final train metrics: mean over this many last steps
-TRAIN_KEYS = ("loss", "kl_per_token", "accuracy", "advantage_abs_mean", "grad_norm")
+TRAIN_KEYS = ("loss", "kl_per_token", "accuracy", "advantage_abs_mean", "grad_norm",
+              "time/update")  # fmt: skip
 RUN_METRICS = ("accuracy", "kl_per_token", *(f"train_{k}" for k in TRAIN_KEYS), "seconds")
 
 # --quick: tiny settings, also those of tests/test_demo.py (seconds per run, numbers

@@ -505,6 +505,12 @@ def train_step_program(config, shapes: Shapes, mesh: Mesh) -> Program:
     the student's params and optimizer state (`optim.from_config`) donated, teachers and
     references frozen, the `StepConfig` from `trainer.step_config` (as `Trainer.setup`)."""
     s = settings(config)
+    if config.lora.rank is not None:
+        raise ValueError(
+            f"the planner compiles full fine-tuning only, not LoRA students (lora.rank="
+            f"{config.lora.rank}): plan with --config.lora.rank=None, whose train step holds "
+            "more (every weight's gradient and optimizer state) than the LoRA step"
+        )
     if s.rows % batch_shards(mesh):
         raise ValueError(
             f"data.batch_size x rollout.num_samples = {s.rows} rows do not split over the "

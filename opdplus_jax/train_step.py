@@ -72,6 +72,10 @@ def _off_or_at_least_one(value: Any, field: str) -> None:
 class StepConfig:
     """Everything static about a step (hashable: part of the compilation key).
 
+    trainable: an `nnx` filter of the student's params that the step differentiates and
+      updates (e.g. `nnx.LoRAParam`: LoRA adapters, the base weights frozen); the optimizer
+      state is over `trainable_params(cfg, params)`. None: every param.
+
     Layout and memory fields:
       teacher_rows: rows per teacher, in teacher order: the batch is teacher 0's block of rows,
         then teacher 1's, ... (each a whole number of prompt groups). Needed with several
@@ -106,6 +110,7 @@ class StepConfig:
     opd_weight: float = 1.0
     task_weight: float = 0.0
     task_advantage: str = "group_norm"
+    trainable: Any = None
     teacher_rows: tuple[int, ...] | None = None
     microbatch_rows: int | None = None
     logits_chunk: int | None = None
@@ -510,13 +515,26 @@ def _totals_and_weights(cfg: StepConfig, batch: Rollout) -> tuple[_Totals, jax.A
 MicroLoss = Callable[[Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def _gradient(cfg: StepConfig, params, loss_fn: MicroLoss, inputs, layout: _Layout):
-    """(loss, grads, metrics) summed over the microbatches of `inputs` ([B, ...] leaves).
+def trainable_params(cfg: StepConfig, params):
+    """The part of the student's `params` the step trains (all of them without a filter)."""
+    return params if cfg.trainable is None else nnx.filter_state(params, cfg.trainable)
+
+
+def _with_trainable(cfg: StepConfig, params, trainable):
+    """`params` with the trainable part replaced by `trainable`."""
+    return trainable if cfg.trainable is None else nnx.merge_state(params, trainable)
+
+
+def _gradient(cfg: StepConfig, full_params, loss_fn: MicroLoss, inputs, layout: _Layout):
+    """(loss, grads, metrics) summed over the microbatches of `inputs` ([B, ...] leaves); grads
+    of the trainable params only (`cfg.trainable`; the rest are constants).
 
     One microbatch: a plain value_and_grad. Several: a `lax.scan` over them, accumulating the
     gradient in float32 (cast back to the params' dtypes at the end).
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    params = trainable_params(cfg, full_params)
+    loss_of_trainable = lambda t, inp: loss_fn(_with_trainable(cfg, full_params, t), inp)
+    grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
     if layout.num_microbatches == 1:
         (loss, metrics), grads = grad_fn(params, inputs)
         return loss, grads, metrics
@@ -536,13 +554,15 @@ def _gradient(cfg: StepConfig, params, loss_fn: MicroLoss, inputs, layout: _Layo
     return loss, grads, _reduce_metrics(metrics_M)
 
 
-def _apply(opt, state: TrainState, loss, grads, aux):
+def _apply(cfg: StepConfig, opt, state: TrainState, loss, grads, aux):
     """Gradient step that is skipped (params and optimizer state kept) if anything is non-finite:
     the loss, the gradient or the update itself (e.g. a NaN learning rate, or an optimizer state
-    that overflowed), so a non-finite update never reaches the params or a checkpoint."""
+    that overflowed), so a non-finite update never reaches the params or a checkpoint. Only the
+    trainable params (`cfg.trainable`) change."""
     grad_norm = optax.tree.norm(grads)
-    updates, new_opt_state = opt.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    trainable = trainable_params(cfg, state.params)
+    updates, new_opt_state = opt.update(grads, state.opt_state, trainable)
+    new_params = _with_trainable(cfg, state.params, optax.apply_updates(trainable, updates))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(
@@ -602,7 +622,7 @@ def train_step(
 
     inputs = (batch, weights_BT, task_adv_BT)
     loss, grads, metrics = _gradient(cfg, state.params, loss_fn, inputs, layout)
-    return _apply(opt, state, loss, grads, {**metrics, **task_stats})
+    return _apply(cfg, opt, state, loss, grads, {**metrics, **task_stats})
 
 
 def _task_advantages(cfg: StepConfig, batch: Rollout, task_reward):
@@ -690,4 +710,4 @@ def update_step(cfg: StepConfig, opt, state: TrainState, batch: Rollout, scored:
 
     inputs = (batch, scored, weights_BT)
     loss, grads, metrics = _gradient(cfg, state.params, loss_fn, inputs, layout)
-    return _apply(opt, state, loss, grads, metrics)
+    return _apply(cfg, opt, state, loss, grads, metrics)

@@ -44,6 +44,7 @@ from opdplus_jax import (
     estimators,
     evaluation,
     faults,
+    lora,
     losses,
     metrics,
     models,
@@ -242,6 +243,8 @@ def validate(config: config_dict.ConfigDict) -> None:
     _off_or_positive(config.train.verify_budget_seconds, "train.verify_budget_seconds")
     _off_or_positive(est.log_ratio_clip, "estimator.log_ratio_clip")
     _check_support_and_rewards(config)
+    if config.lora.rank is not None:
+        lora_spec(config)
     _off_or_positive(config.loss.ppo_clip, "loss.ppo_clip")
     _off_or_positive(config.loss.tis_cap, "loss.tis_cap")
     off_policy = [f"rollout.{n}={r[n]!r}" for n in sampled["rollout"].off_policy_fields()]
@@ -459,6 +462,18 @@ def _check_scores_like_student(what: str, path: str, tokenizer, student_cfg, mod
 TEMPLATES = ("own",)
 
 
+def lora_spec(config: config_dict.ConfigDict) -> lora.LoraSpec:
+    """The `config.lora` adapters (rank, alpha, target modules); ValueError naming the field."""
+    try:
+        spec = lora.LoraSpec(
+            rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets)
+        )
+        spec.modules()  # a target that matches no adaptable module is an error now
+        return spec
+    except ValueError as e:
+        raise ValueError(f"lora: {e}") from None
+
+
 def teacher_prompts(
     config: config_dict.ConfigDict, tokenizer: Tokenizer
 ) -> list[data.TeacherPrompt | None]:
@@ -560,6 +575,7 @@ def step_config(
         teacher_rows=teacher_rows if len(teacher_rows) > 1 else None,
         microbatch_rows=microbatch_rows(config, mesh),
         logits_chunk=config.memory.logits_chunk,
+        trainable=lora.TRAINABLE if config.lora.rank is not None else None,
         mesh=mesh,
     )
 
@@ -639,6 +655,13 @@ class Trainer:
         student_path = _require_dir(config.student.path, "student.path")
         # Only the student is differentiated: the remat policy is its alone.
         student = models.from_pretrained(student_path, **kw, remat=config.memory.remat)
+        if config.lora.rank is not None:  # only the adapters train
+            student = lora.apply(student, lora_spec(config), rng=config.seed)
+            logger.info(
+                "LoRA rank %d on %s: %d trainable parameters",
+                config.lora.rank, ", ".join(config.lora.targets),
+                lora.num_adapter_params(student),
+            )  # fmt: skip
         tokenizer = Tokenizer.from_pretrained(config.tokenizer_path or student_path)
         teachers, references, reference_of, ref_index = [], [], [], {}
         for name, t in config.teachers.items():
@@ -684,17 +707,19 @@ class Trainer:
     def init_state(self) -> train_step.TrainState:
         """Step 0: the student's initial params and a fresh optimizer state."""
         _, params = nnx.split(self.student, nnx.Param)
+        # The optimizer state covers the trained params only (the adapters, with LoRA).
+        trainable = train_step.trainable_params(self.step_cfg, params)
         # Every leaf is placed on the mesh: moments as their params, counters (and the step)
         # replicated, so that each is one global array on every process of a multi-host run.
         replicated = sharding.named_sharding(self.mesh)
         opt_shardings = optax.tree_map_params(
             self.optimizer,
             lambda _, param_sharding: param_sharding,
-            jax.eval_shape(self.optimizer.init, params),
-            jax.tree.map(lambda x: x.sharding, params),
+            jax.eval_shape(self.optimizer.init, trainable),
+            jax.tree.map(lambda x: x.sharding, trainable),
             transform_non_params=lambda _: replicated,
         )
-        opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
+        opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(trainable)
         step = jax.device_put(np.int32(0), replicated)
         return train_step.TrainState(step=step, params=params, opt_state=opt_state)
 
@@ -896,7 +921,8 @@ class Trainer:
             )
         manager.save(
             step,
-            params=state.params,
+            # The trained params only: with LoRA the adapters (the base reloads from its folder).
+            params=train_step.trainable_params(self.step_cfg, state.params),
             opt_state=state.opt_state,
             rng=rng,
             data_state=data_state,
@@ -911,15 +937,20 @@ class Trainer:
         """(step, state, data state) of the latest complete checkpoint, or None if none."""
         template = self.init_state()
         restored = manager.restore_latest(
-            params=template.params, opt_state=template.opt_state, rng=rng
+            params=train_step.trainable_params(self.step_cfg, template.params),
+            opt_state=template.opt_state,
+            rng=rng,
         )
         if restored is None:
             return None
+        params = restored.params
+        if self.step_cfg.trainable is not None:  # the restored adapters on the base weights
+            params = nnx.merge_state(template.params, params)
         state = train_step.TrainState(
             step=jax.device_put(
                 np.int32(restored.metadata["updates"]), sharding.named_sharding(self.mesh)
             ),
-            params=restored.params,
+            params=params,
             opt_state=restored.opt_state,
         )
         return restored.step, state, restored.data_state
@@ -939,9 +970,11 @@ class Trainer:
         return found[1]
 
     def export(self, params, out_dir: str) -> str:
-        """The student with `params` as a Hugging Face folder (config, safetensors, tokenizer)."""
+        """The student with `params` as a Hugging Face folder (config, safetensors, tokenizer);
+        with LoRA, the adapters merged into the base weights (W + alpha / rank A B)."""
         nnx.update(self.student, params)
-        models.save_pretrained(self.student, out_dir)
+        plain = lora.merge(self.student) if lora.is_adapted(self.student) else self.student
+        models.save_pretrained(plain, out_dir)
         faults.point("export")
         self.tokenizer.save_pretrained(out_dir)
         return out_dir

@@ -18,7 +18,14 @@ from experiments import common, outputs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # script -> number of variants in --quick mode
-SCRIPTS = {"lambda_sweep": 2, "divergences": 2, "levels": 2, "multi_teacher": 2, "supports": 2}
+SCRIPTS = {
+    "lambda_sweep": 2,
+    "divergences": 2,
+    "levels": 2,
+    "multi_teacher": 2,
+    "supports": 2,
+    "lora": 2,
+}
 SEEDS = 2
 FILES = ("runs.csv", "curves.csv", "summary.csv", "references.csv", "results.md", "meta.json")
 

@@ -163,7 +163,7 @@ def test_sharded_load_and_export_round_trip(tmp_path, layers_axis):
 
 # ----- live comparison with transformers (PyTorch) -----
 
-_LIVE_SCRIPT = """
+LIVE_SCRIPT = """
 import sys, numpy as np, torch, transformers
 for folder, ids_path, out_path in zip(*[iter(sys.argv[1:])] * 3):
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -173,7 +173,7 @@ for folder, ids_path, out_path in zip(*[iter(sys.argv[1:])] * 3):
 """
 
 
-def _torch_logits(jobs, tmp_path):
+def torch_logits(jobs, tmp_path):
     """transformers' logits for each (folder, ids): with this interpreter when torch is
     importable, else with the one named by OPDPLUS_TORCH_PYTHON, else skip."""
     if importlib.util.find_spec("torch") is not None:
@@ -187,7 +187,7 @@ def _torch_logits(jobs, tmp_path):
         np.save(tmp_path / f"ids{i}.npy", ids)
         args += [str(folder), str(tmp_path / f"ids{i}.npy"), str(tmp_path / f"out{i}.npy")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    subprocess.run([python, "-c", _LIVE_SCRIPT, *args], check=True, env=env)
+    subprocess.run([python, "-c", LIVE_SCRIPT, *args], check=True, env=env)
     return [np.load(tmp_path / f"out{i}.npy") for i in range(len(jobs))]
 
 
@@ -200,7 +200,7 @@ def test_transformers_loads_export_with_same_logits(tmp_path):
         models.save_pretrained(model, tmp_path / family)
         jobs.append((tmp_path / family, ref["input_ids"]))
         ours.append(ref["logits"])  # our logits == these (test_models); compare the export to them
-    for family, theirs, expected in zip(FAMILIES, _torch_logits(jobs, tmp_path), ours, strict=True):
+    for family, theirs, expected in zip(FAMILIES, torch_logits(jobs, tmp_path), ours, strict=True):
         np.testing.assert_allclose(theirs, expected, atol=TOL, rtol=0, err_msg=family)
 
 

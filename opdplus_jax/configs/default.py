@@ -76,6 +76,15 @@ def _base() -> config_dict.ConfigDict:
     c.reward.task_weight = 0.0
     c.reward.task_advantage = "group_norm"
 
+    # LoRA student (opdplus_jax.lora, through qwix): rank None trains every weight; a rank
+    # trains low-rank adapters W + alpha / rank A B on the target modules (regexes over
+    # "layers/attn" (q, k, v, o projections) and "layers/mlp" (gate, up, down)) and freezes the
+    # rest; the optimizer state and checkpoints hold the adapters, the export merges them.
+    c.lora = config_dict.ConfigDict()
+    c.lora.rank = config_dict.placeholder(int)
+    c.lora.alpha = 16.0
+    c.lora.targets = ("layers/attn", "layers/mlp")
+
     # Rollouts (opdplus_jax.sampling).
     c.rollout = config_dict.ConfigDict()
     c.rollout.num_samples = 4  # n responses per prompt

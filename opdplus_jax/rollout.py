@@ -56,6 +56,10 @@ class Rollout:
         their references) score the completion after, when they differ from the student's
         (teacher-side context: a teacher's own chat template, privileged fields of the data
         row); None: the teachers score after `prompt_tokens`. See `for_teacher`.
+      teacher_group, teacher_group_logp, teacher_group_mask: [B, T] for teachers with their own
+        tokenizer (`opdplus_jax.crosstok`): each student token's aligned group index, and per
+        group g (column g) the teacher's log-prob of the group's text and 1 for a real group.
+        Rows of other teachers hold one group per token. None without such teachers.
     """
 
     prompt_tokens: jax.Array
@@ -69,6 +73,9 @@ class Rollout:
     group_id: jax.Array
     teacher_prompt_tokens: jax.Array | None = None
     teacher_prompt_mask: jax.Array | None = None
+    teacher_group: jax.Array | None = None
+    teacher_group_logp: jax.Array | None = None
+    teacher_group_mask: jax.Array | None = None
 
     @property
     def num_rows(self) -> int:

@@ -72,6 +72,11 @@ def _off_or_at_least_one(value: Any, field: str) -> None:
 class StepConfig:
     """Everything static about a step (hashable: part of the compilation key).
 
+    retokenized: per teacher, whether it has its own tokenizer: it is not run in the step;
+      its rows carry its log-probs of their re-tokenised completions, per aligned group
+      (`Rollout.teacher_group`, `teacher_group_logp`, `teacher_group_mask`; `opdplus_jax.
+      crosstok`), and the estimator runs on groups, each group's advantage going to all its
+      student tokens. Empty: no teacher is.
     trainable: an `nnx` filter of the student's params that the step differentiates and
       updates (e.g. `nnx.LoRAParam`: LoRA adapters, the base weights frozen); the optimizer
       state is over `trainable_params(cfg, params)`. None: every param.
@@ -111,6 +116,7 @@ class StepConfig:
     task_weight: float = 0.0
     task_advantage: str = "group_norm"
     trainable: Any = None
+    retokenized: tuple[bool, ...] = ()
     teacher_rows: tuple[int, ...] | None = None
     microbatch_rows: int | None = None
     logits_chunk: int | None = None
@@ -153,6 +159,19 @@ class StepConfig:
             log_ratio_clip=self.log_ratio_clip,
         )
         check_task_reward(self.opd_weight, self.task_weight, self.task_advantage, g)
+        if self.retokenized and len(self.retokenized) != k:
+            raise ValueError(
+                f"StepConfig.retokenized needs one bool per teacher ({k}); got {self.retokenized}"
+            )
+        if not self.retokenized:
+            object.__setattr__(self, "retokenized", (False,) * k)
+        for i, re_tok in enumerate(self.retokenized):
+            if re_tok and (self.full_vocabulary or self.reward_scales[i] != 1.0):
+                raise ValueError(
+                    f"teacher {i} has its own tokenizer: it needs support='sampled' and reward "
+                    "scale 1 (its vocabulary differs from the student's and from a reference's); "
+                    f"got support={self.support!r}, reward scale {self.reward_scales[i]}"
+                )
 
     @property
     def full_vocabulary(self) -> bool:
@@ -365,8 +384,10 @@ def _advantages(
     logp_sg = jax.lax.stop_gradient(student_logp)
     k_teachers = len(cfg.teachers)
     teacher_logps = [
-        _completion_logprobs(cfg, g, p, _rows(mb, span).for_teacher())
-        for g, p, span in zip(cfg.teachers, frozen.teachers, spans, strict=True)
+        None
+        if cfg.retokenized[k]
+        else _completion_logprobs(cfg, g, p, _rows(mb, span).for_teacher())
+        for k, (g, p, span) in enumerate(zip(cfg.teachers, frozen.teachers, spans, strict=True))
     ]
     ref_logps: list[jax.Array | None] = [None] * k_teachers
     for j, (g, p) in enumerate(zip(cfg.references, frozen.references, strict=True)):
@@ -379,12 +400,16 @@ def _advantages(
         for k in users:
             ref_logps[k] = logp[offset : offset + spans[k][1]]
             offset += spans[k][1]
-    advs, log_us, clipped = [], [], []
+    advs, log_us, live, clipped, kl = [], [], [], [], []
     for k, lt in enumerate(teacher_logps):
-        mask = _rows(mb.mask, spans[k])
+        rows = _rows(mb, spans[k])
+        ls = _rows(logp_sg, spans[k])
+        mask = rows.mask
+        if cfg.retokenized[k]:  # group level: the teacher's group log-probs came with the rows
+            ls, lt, mask = _group_sums(ls, rows), rows.teacher_group_logp, rows.teacher_group_mask
         ref = cfg.reference_of[k]
         est = estimators.estimate(
-            _rows(logp_sg, spans[k]),
+            ls,
             lt,
             mask,
             divergence=cfg.divergence,
@@ -395,23 +420,35 @@ def _advantages(
             ref_logp=None if ref is None else ref_logps[k],
             log_ratio_clip=cfg.log_ratio_clip,
         )
-        advs.append(est.advantages)
+        adv = est.advantages
+        if cfg.retokenized[k]:  # every student token of a group takes the group's advantage
+            adv = jnp.take_along_axis(adv, rows.teacher_group, axis=1) * (rows.mask > 0)
+        advs.append(adv)
         log_us.append(est.log_ratio)
-        # clip_fraction is over this block's response tokens: back to a count.
+        live.append(mask > 0)
+        # clip_fraction is over this block's tokens (groups): back to a count.
         clipped.append(est.clip_fraction * jnp.maximum((mask > 0).sum(), 1))
+        # k1 estimate of KL(student || teacher) on the student's own samples (a sum here).
+        kl.append(((ls - lt) * (mask > 0)).sum())
     adv, stats = _mix(cfg, _concat_rows(advs), mb.mask, totals, task_adv)
-    teacher_logp, log_u = _concat_rows(teacher_logps), _concat_rows(log_us)
-    fm = (mb.mask > 0).astype(jnp.float32)
+    log_u, live = _concat_rows(log_us), _concat_rows(live)
     count = totals.num_tokens
     big = jnp.finfo(jnp.float32).max
     stats |= {
-        # k1 estimate of KL(student || teacher) per token on the student's own samples.
-        "kl_per_token": ((logp_sg - teacher_logp) * fm).sum() / count,
-        "log_ratio_min": jnp.min(jnp.where(fm > 0, log_u, big)),
-        "log_ratio_max": jnp.max(jnp.where(fm > 0, log_u, -big)),
+        "kl_per_token": sum(kl) / count,
+        "log_ratio_min": jnp.min(jnp.where(live, log_u, big)),
+        "log_ratio_max": jnp.max(jnp.where(live, log_u, -big)),
         "log_ratio_clip_fraction": sum(clipped) / count,
     }
     return adv, stats
+
+
+def _group_sums(logp_RT: jax.Array, rows: Rollout) -> jax.Array:
+    """[R, T] student log-probs of the aligned groups of a re-tokenised teacher's rows: column g
+    is the sum over the student tokens of group g (`Rollout.teacher_group`), 0 past the last."""
+    fm = (rows.mask > 0).astype(logp_RT.dtype)
+    r = jnp.arange(logp_RT.shape[0])[:, None]
+    return jnp.zeros_like(logp_RT).at[r, rows.teacher_group].add(logp_RT * fm)
 
 
 def _mix(cfg: StepConfig, opd_adv, mask, totals: _Totals, task_adv):

@@ -39,6 +39,7 @@ from ml_collections import config_dict
 from opdplus_jax import (
     checkpoint,
     configs,
+    crosstok,
     data,
     divergences,
     estimators,
@@ -61,7 +62,12 @@ from opdplus_jax.rollout import (
     check_engine,
     make_engine,
 )
-from opdplus_jax.tokenizer import Tokenizer, check_compatible, generation_eos_ids
+from opdplus_jax.tokenizer import (
+    Tokenizer,
+    check_compatible,
+    generation_eos_ids,
+    pad_sequences,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +281,12 @@ def validate(config: config_dict.ConfigDict) -> None:
                 f"{', '.join(data.FIELDS)}"
             )
         _off_or_at_least_one(t.max_prompt_len, f"teachers.{name}.max_prompt_len")
+        if t.retokenize and (lam != 1.0 or config.estimator.support != "sampled"):
+            raise ValueError(
+                f"teachers.{name}.retokenize=True (its own vocabulary) needs reward_scale 1 and "
+                f"estimator.support='sampled'; got reward_scale {lam}, support "
+                f"{config.estimator.support!r}"
+            )
         if lam != 1.0 and t.reference is None:
             raise ValueError(
                 f"teachers.{name}.reward_scale={lam} needs a reference model: set "
@@ -447,6 +459,21 @@ def _folder_tokenizer(path: str, default: Tokenizer) -> Tokenizer:
     return Tokenizer.from_pretrained(path) if has_tokenizer else default
 
 
+def _check_own_tokenizer(what: str, path: str, model_cfg) -> None:
+    """A re-tokenising teacher's folder has a tokenizer with an EOS its embedding covers."""
+    if _folder_tokenizer(path, None) is None:
+        raise ValueError(
+            f"{what} ({path}) has retokenize=True but no tokenizer files (tokenizer.json or "
+            "tokenizer_config.json): a teacher with its own vocabulary needs its tokenizer"
+        )
+    tok = Tokenizer.from_pretrained(path)
+    if tok.eos_id is None or model_cfg.vocab_size < tok.vocab_size:
+        raise ValueError(
+            f"{what} ({path}): its tokenizer needs an EOS token and at most the model's "
+            f"{model_cfg.vocab_size} ids; it has {tok.vocab_size} ids, EOS {tok.eos_id}"
+        )
+
+
 def _check_scores_like_student(what: str, path: str, tokenizer, student_cfg, model_cfg) -> None:
     """`check_compatible` of the student and the model in `path` (its own tokenizer files if it
     has any), with the config field and folder named in the error."""
@@ -481,10 +508,10 @@ def teacher_prompts(
     completion after the student's prompt (no `template` and no `context_field`)."""
     out = []
     for name, t in config.teachers.items():
-        if t.template is None and t.context_field is None:
+        if t.template is None and t.context_field is None and not t.retokenize:
             out.append(None)
             continue
-        own = t.template == "own"
+        own = t.template == "own" or t.retokenize  # another vocabulary: its own template
         out.append(
             data.TeacherPrompt(
                 tokenizer=_folder_tokenizer(t.path, tokenizer) if own else tokenizer,
@@ -505,6 +532,8 @@ def teacher_mismatches(config: config_dict.ConfigDict, tokenizer: Tokenizer) -> 
     the student's prompt (`teachers.<name>.template` None). [] when they agree."""
     out = []
     for name, t in config.teachers.items():
+        if t.retokenize:  # its own vocabulary: crosstok maps the student's EOS to its EOS
+            continue
         own_tokenizer = _folder_tokenizer(t.path, tokenizer)
         teacher_eos = set(own_tokenizer.eos_ids) | set(generation_eos_ids(t.path))
         eos = tokenizer.eos_id
@@ -576,6 +605,7 @@ def step_config(
         microbatch_rows=microbatch_rows(config, mesh),
         logits_chunk=config.memory.logits_chunk,
         trainable=lora.TRAINABLE if config.lora.rank is not None else None,
+        retokenized=tuple(bool(t.retokenize) for t in config.teachers.values()),
         mesh=mesh,
     )
 
@@ -612,6 +642,7 @@ class Trainer:
     # Derived from the above (replace them on an instance to change how it samples or steps).
     teacher_names: list[str] = dataclasses.field(init=False)
     teacher_prompts: list[data.TeacherPrompt | None] = dataclasses.field(init=False)
+    teacher_tokenizers: list[Tokenizer] = dataclasses.field(init=False)
     engine: RolloutEngine = dataclasses.field(init=False)
     eval_engine: RolloutEngine = dataclasses.field(init=False)
     optimizer: Any = dataclasses.field(init=False)
@@ -634,6 +665,10 @@ class Trainer:
         )
         self.teacher_names = list(self.config.teachers.keys())
         self.teacher_prompts = teacher_prompts(self.config, self.tokenizer)
+        self.teacher_tokenizers = [
+            Tokenizer.from_pretrained(t.path) if t.retokenize else self.tokenizer
+            for t in self.config.teachers.values()
+        ]
         engine = partial(make_engine, r.engine, self.step_cfg.student, slots=r.slots)
         self.engine = engine(rollout)
         self.eval_engine = engine(held_out)
@@ -668,7 +703,10 @@ class Trainer:
             path = _require_dir(t.path, f"teachers.{name}.path")
             teacher = models.from_pretrained(path, **kw)
             what = f"teachers.{name}.path"
-            _check_scores_like_student(what, path, tokenizer, student.config, teacher.config)
+            if t.retokenize:
+                _check_own_tokenizer(what, path, teacher.config)
+            else:
+                _check_scores_like_student(what, path, tokenizer, student.config, teacher.config)
             teachers.append(teacher)
             if float(t.reward_scale) == 1.0 or t.reference is None:
                 reference_of.append(None)
@@ -738,10 +776,71 @@ class Trainer:
             return rollout
         # Teacher-side context: every row's teacher prompt (rows are prompt-major).
         rows = lambda x: sharding.global_rows(self.mesh, np.repeat(np.asarray(x), n, axis=0))
-        return rollout.replace(
+        rollout = rollout.replace(
             teacher_prompt_tokens=rows(prompts_batch["teacher_prompt_ids"]),
             teacher_prompt_mask=rows(prompts_batch["teacher_prompt_mask"]),
         )
+        if not any(self.step_cfg.retokenized):
+            return rollout
+        group, logp, mask = self.teacher_groups(rollout)
+        place = lambda x: sharding.global_rows(self.mesh, x)
+        return rollout.replace(
+            teacher_group=place(group),
+            teacher_group_logp=place(logp),
+            teacher_group_mask=place(mask),
+        )
+
+    def retokenized_logprobs(self, rollout: Rollout, teacher: int, rows: np.ndarray):
+        """Teacher `teacher` (one with its own tokenizer) on `rows` of the rollout: its per-token
+        log-probs [R, T'] of the re-tokenised completions (after the rows' teacher prompts, or,
+        without them, the student's prompt text re-tokenised) and the per-row alignments
+        (`crosstok.retokenize`)."""
+        tok = self.teacher_tokenizers[teacher]
+        tokens, mask = (sharding.host_array(x)[rows] for x in (rollout.tokens, rollout.mask))
+        ids, ids_mask, alignments = crosstok.retokenize(self.tokenizer, tok, tokens, mask)
+        width = 1 << max(int(ids.shape[1]) - 1, 0).bit_length()  # power-of-two widths: few
+        ids = np.pad(ids, ((0, 0), (0, width - ids.shape[1])), constant_values=tok.pad_id)
+        ids_mask = np.pad(ids_mask, ((0, 0), (0, width - ids_mask.shape[1])))
+        if rollout.teacher_prompt_tokens is not None:
+            prompt = sharding.host_array(rollout.teacher_prompt_tokens)[rows]
+            prompt_mask = sharding.host_array(rollout.teacher_prompt_mask)[rows]
+        else:
+            texts = [
+                self.tokenizer.decode(p[m > 0].tolist(), skip_special_tokens=False)
+                for p, m in zip(sharding.host_array(rollout.prompt_tokens)[rows],
+                                sharding.host_array(rollout.prompt_mask)[rows], strict=True)
+            ]  # fmt: skip
+            prompt, prompt_mask = pad_sequences(tok.encode(texts), tok.pad_id, side="left")
+        model = (self.step_cfg.teachers[teacher], self.frozen.teachers[teacher])
+        logp = scoring.token_logprobs(
+            model, prompt, prompt_mask, ids, ids_mask, vocab_size=tok.vocab_size,
+            chunk_size=self.step_cfg.logits_chunk,
+        )  # fmt: skip
+        return np.asarray(logp), alignments
+
+    def teacher_groups(self, rollout: Rollout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`Rollout.teacher_group`, `teacher_group_logp` and `teacher_group_mask` ([B, T] each)
+        for the rows of teachers with their own tokenizer (one group per token elsewhere)."""
+        tokens, mask = (sharding.host_array(x) for x in (rollout.tokens, rollout.mask))
+        routes = sharding.host_array(rollout.teacher)
+        b, t = tokens.shape
+        group = np.tile(np.arange(t, dtype=np.int32), (b, 1)) * (mask > 0)
+        logp, group_mask = np.zeros((b, t), np.float32), (mask > 0).astype(np.int32)
+        for k, retokenized in enumerate(self.step_cfg.retokenized):
+            rows = np.flatnonzero(routes == k)
+            if not retokenized or not len(rows):
+                continue
+            teacher_logp, alignments = self.retokenized_logprobs(rollout, k, rows)
+            for i, (row, al) in enumerate(zip(rows, alignments, strict=True)):
+                n = len(al.student_group)
+                group[row] = 0
+                group[row, :n] = al.student_group
+                sums = np.bincount(al.teacher_group, teacher_logp[i, : len(al.teacher_group)],
+                                   minlength=al.num_groups)  # fmt: skip
+                logp[row] = 0.0
+                logp[row, : al.num_groups] = sums
+                group_mask[row] = np.arange(t) < al.num_groups
+        return group, logp, group_mask
 
     def eos_logprobs(self, params, rollout: Rollout) -> dict[str, float]:
         """Mean log-prob of the student's end-of-sequence tokens (the rows that stopped) under
@@ -846,8 +945,13 @@ class Trainer:
                 logp = self.teacher_logprobs(rollout, int(k))
                 out = logp if out is None else jnp.where((routes == k)[:, None], logp, out)
             return out
-        model = (self.step_cfg.teachers[teacher], self.frozen.teachers[teacher])
         cfg = self.step_cfg
+        if cfg.retokenized[teacher]:  # group log-probs at each group's last student token
+            rows = np.arange(rollout.num_rows)
+            teacher_logp, alignments = self.retokenized_logprobs(rollout, teacher, rows)
+            mask = sharding.host_array(rollout.mask)
+            return jnp.asarray(crosstok.student_token_logprobs(teacher_logp, alignments, mask))
+        model = (cfg.teachers[teacher], self.frozen.teachers[teacher])
         return scoring.rollout_logprobs(
             model, rollout.for_teacher(), vocab_size=cfg.vocab_size, chunk_size=cfg.logits_chunk
         )

@@ -184,6 +184,7 @@ def teacher(
     context_field: str | None = None,
     context_format: str = "{prompt}\n\n{context}",
     max_prompt_len: int | None = None,
+    retokenize: bool = False,
 ) -> config_dict.ConfigDict:
     """One entry of `config.teachers`: checkpoint folder, reward scale lambda, reference model,
     its prompts per batch, and the prompt it scores after (teacher-side context).
@@ -203,6 +204,10 @@ def teacher(
       context_format: str.format template of that user turn, with {prompt} and {context}.
       max_prompt_len: token limit of the teacher's prompt (None: rollout.max_prompt_len); a
         record over it is dropped and counted.
+      retokenize: the teacher has its own tokenizer (another vocabulary): it scores the
+        student's decoded completion re-tokenised, after its own chat template, and the
+        log-ratios are taken over aligned character groups (opdplus_jax.crosstok). Needs
+        reward_scale 1 and estimator.support='sampled'.
 
     Returns:
       An unlocked ConfigDict, to be assigned to `config.teachers.<name>`.
@@ -216,6 +221,7 @@ def teacher(
     t.context_field = config_dict.FieldReference(context_field, field_type=str)
     t.context_format = context_format
     t.max_prompt_len = config_dict.FieldReference(max_prompt_len, field_type=int)
+    t.retokenize = retokenize
     return t
 
 

@@ -28,8 +28,15 @@ the ordinary per-token case. Summed over all groups, the carried-back teacher lo
 teacher's log-prob of the whole completion text (its re-tokenisation, plus EOS), exactly up to
 float32 rounding: the groups partition the teacher's tokens.
 
-Rewards on student tokens ("last"). A group's teacher log-prob is assigned to the group's LAST
-student token and every other student token of the group gets 0. A group's log-prob is only known
+In training (`teachers.<name>.retokenize`), the train step runs the estimator on the groups
+(the student's group log-prob against the teacher's) and gives every student token of a group its
+group's advantage, so the gradient is that of the group's log-prob (`train_step.StepConfig.
+retokenized`); the trainer fills `Rollout.teacher_group*` with the alignments and the teacher's
+group log-probs.
+
+Rewards on student tokens ("last"), for per-token views such as evaluation's KL. A group's
+teacher log-prob is assigned to the group's LAST student token and every other student token of
+the group gets 0. A group's log-prob is only known
 once the group ends (before that no teacher token boundary coincides with the student's), and with
 the reward-to-go at gamma = 1 every student token of the group still sees the whole group's
 log-ratio in its return: the credit of each token is what it would be if the per-token values were

@@ -66,6 +66,11 @@ def labels(rows):
     return list(dict.fromkeys(r["label"] for r in rows))
 
 
+def interval(p, key, d):
+    """A paired difference as "mean [low, high]" (95% t interval; `outputs.paired_differences`)."""
+    return f"{p[f'{key}_diff']:+.{d}f} [{p[f'{key}_ci_low']:+.{d}f}, {p[f'{key}_ci_high']:+.{d}f}]"
+
+
 def digits(key):
     return 4 if "kl" in key else 3
 
@@ -161,12 +166,16 @@ for name in (
         print(f"## {name}\n")
         table(runs, ["accuracy", "kl_per_token", "train_kl_per_token"], refs)
         divs = list(dict.fromkeys(r["divergence"] for r in runs))
+        arms = [a for a in ("stop_grad", "stop_grad sublinear", "opd_plus")
+                if any(f"{d} {a}" in labels(runs) for d in divs)]  # fmt: skip
+        width = 0.8 / len(arms)
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         for ax, key in zip(axes, ["accuracy", "kl_per_token"], strict=True):
-            for j, corr in enumerate(["stop_grad", "opd_plus"]):
-                ms = [stats(runs, f"{d} {corr}", key) for d in divs]
-                x = np.arange(len(divs)) + (j - 0.5) * 0.38
-                ax.bar(x, [m[0] for m in ms], 0.38, yerr=[m[1] for m in ms], capsize=3, label=corr)
+            for j, arm in enumerate(arms):
+                ms = [stats(runs, f"{d} {arm}", key) if f"{d} {arm}" in labels(runs)
+                      else (np.nan, 0.0, 0) for d in divs]  # fmt: skip
+                x = np.arange(len(divs)) + (j - (len(arms) - 1) / 2) * width
+                ax.bar(x, [m[0] for m in ms], width, yerr=[m[1] for m in ms], capsize=3, label=arm)
             for i, ref in enumerate(refs):
                 ax.axhline(ref[key], color="gray", ls=("--", ":")[i % 2], label=ref["label"])
             ax.set_xticks(np.arange(len(divs)), divs)
@@ -175,14 +184,16 @@ for name in (
         fig.suptitle(f"Divergence × correction, {name} (mean ± std over seeds)")
         save(fig, name)
         paired = load(name, "paired_difference.csv")
-        print(
-            "| divergence | Δ accuracy, OPD+ − stop-grad | Δ KL/token | seeds |\n|---|---|---|---|"
-        )
+        print("| OPD+ minus | Δ accuracy | Δ KL/token | seeds |\n|---|---|---|---|")
         for p in paired:
-            print(
-                f"| {p['divergence']} | {p['accuracy_mean']:+.3f} ± {p['accuracy_std']:.3f} | "
-                f"{p['kl_per_token_mean']:+.4f} ± {p['kl_per_token_std']:.4f} | {int(p['n'])} |"
-            )
+            if "accuracy_diff" in p:  # mean [95% t interval]
+                cells = [interval(p, k, d) for k, d in (("accuracy", 3), ("kl_per_token", 4))]
+                arm = p["against"]
+            else:  # results written before the intervals: mean ± std
+                cells = [f"{p[f'{k}_mean']:+.{d}f} ± {p[f'{k}_std']:.{d}f}"
+                         for k, d in (("accuracy", 3), ("kl_per_token", 4))]  # fmt: skip
+                arm = f"{p['divergence']} stop_grad"
+            print(f"| {arm} | " + " | ".join(cells) + f" | {int(p['n'])} |")
         print()
 
 # %% [markdown]
@@ -266,10 +277,7 @@ if runs:
     print("| variant | Δ accuracy vs sampled [95% CI] | Δ KL/token [95% CI] | seeds |")
     print("|---|---|---|---|")
     for p in load(name, "paired_difference.csv"):
-        cells = [
-            f"{p[f'{k}_diff']:+.{d}f} [{p[f'{k}_ci_low']:+.{d}f}, {p[f'{k}_ci_high']:+.{d}f}]"
-            for k, d in (("accuracy", 3), ("kl_per_token", 4))
-        ]
+        cells = [interval(p, k, d) for k, d in (("accuracy", 3), ("kl_per_token", 4))]
         print(f"| {p['label']} | " + " | ".join(cells) + f" | {int(p['n'])} |")
     print()
 

@@ -451,6 +451,41 @@ def with_gauge(divergence: str | Divergence, c: float) -> Divergence:
     return Gauged(base=get(divergence), c=float(c))
 
 
+GAUGES = ("sublinear",)
+
+
+def sublinear_gauge(divergence: str | Divergence) -> float | None:
+    """c = lim_{u -> inf} f(u) / u of `divergence`'s generator (float64), so that f + c (1 - u)
+    grows sublinearly, as reverse KL's -log u does (docs/math.md §1.4): 1/2 log 2 for JSD(1/2),
+    1/2 for TV, 1 for Hellinger; 0.0 when f already grows sublinearly; None when the limit is
+    infinite (forward KL: no such gauge)."""
+    d = get(divergence)
+    with jax.enable_x64(True):
+        ratio = lambda log_u: float(d.f(jnp.float64(log_u)) / jnp.exp(log_u))
+        a, b = ratio(40.0), ratio(60.0)
+    if not (math.isfinite(a) and math.isfinite(b)) or abs(a - b) > 1e-6 * max(1.0, abs(b)):
+        return None
+    return 0.0 if abs(b) < 1e-9 else b
+
+
+def in_gauge(divergence: str | Divergence, gauge: str | None) -> Divergence:
+    """`divergence` in the named gauge: None keeps the registered generator; "sublinear" shifts
+    it by `sublinear_gauge` (unchanged when that is 0). The divergence is the same; only the
+    stop-gradient estimator changes. ValueError for a generator without that gauge."""
+    d = get(divergence)
+    if gauge is None:
+        return d
+    if gauge not in GAUGES:
+        raise ValueError(f"gauge must be None (registered) or one of {GAUGES}; got {gauge!r}")
+    c = sublinear_gauge(d)
+    if c is None:
+        raise ValueError(
+            f"{d.name} has no sublinear gauge: f(u)/u grows without bound (forward KL's u log u), "
+            "so no shift c (1 - u) makes it sublinear; use gauge=None"
+        )
+    return d if c == 0.0 else with_gauge(d, c)
+
+
 def describe() -> list[tuple[str, str, dict]]:
     """(name, formula, default parameters) for every registered divergence; for docs and CLIs."""
     rows = []

@@ -233,7 +233,11 @@ def validate(config: config_dict.ConfigDict) -> None:
     check_engine(r.engine)
     optim.from_config(config.optimizer, config.train.num_steps)
     est = config.estimator
-    divergences.get(est.divergence, **dict(est.divergence_params))
+    try:
+        divergences.in_gauge(divergences.get(est.divergence, **dict(est.divergence_params)),
+                             est.gauge)  # fmt: skip
+    except ValueError as e:
+        raise ValueError(f"estimator.gauge: {e}") from None
     estimators.CORRECTIONS.get(est.correction)
     losses.AGGREGATIONS.get(config.loss.aggregation)
     if est.level not in estimators.LEVELS:
@@ -585,7 +589,9 @@ def step_config(
         reward_scales=tuple(float(t.reward_scale) for t in config.teachers.values()),
         reference_of=tuple(reference_of),
         vocab_size=vocab_size,
-        divergence=divergences.get(est.divergence, **dict(est.divergence_params)),
+        divergence=divergences.in_gauge(
+            divergences.get(est.divergence, **dict(est.divergence_params)), est.gauge
+        ),
         correction=est.correction,
         level=est.level,
         discount=float(est.discount),

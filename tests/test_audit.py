@@ -18,7 +18,7 @@ CONFIG_FILE = "configs/default.py"
      ("forward_kl", None)],
 )  # fmt: skip
 def test_the_sublinear_gauge_of_each_generator(name, c):
-    got = audit.sublinear_gauge(divergences.get(name))
+    got = divergences.sublinear_gauge(divergences.get(name))
     assert (got is None) if c is None else got == pytest.approx(c, abs=1e-6)
 
 
@@ -82,3 +82,13 @@ def test_a_full_vocabulary_support_is_audited_as_configured():
     )
     config.estimator.top_k = 50  # more than the problem's 3 tokens: the whole vocabulary
     assert _rows(config)["configured"]["relative_bias"] < 1e-9
+
+
+def test_a_configured_gauge_is_audited():
+    config = default.get_config("cpu")
+    config.estimator.correction, config.estimator.gauge = "stop_grad", "sublinear"
+    rows = _rows(config)
+    gauged = rows["stop_grad, sublinear gauge c=0.3466"]
+    assert rows["configured"]["gauge"] == pytest.approx(gauged["gauge"])
+    assert rows["configured"]["relative_bias"] == pytest.approx(gauged["relative_bias"])
+    assert rows["stop_grad, registered gauge"]["gauge"] is None

@@ -236,3 +236,18 @@ def test_extreme_log_ratios_give_finite_values(name_params, dtype, xs):
     for out in (d.f(x), d.stop_grad_advantage(x), d.opd_plus_advantage(x)):
         assert out.dtype == dtype
         assert np.all(np.isfinite(np.asarray(out))), (d, xs)
+
+
+def test_the_sublinear_gauge_by_name():
+    jsd = dv.in_gauge("jsd", "sublinear")
+    assert isinstance(jsd, dv.Gauged) and jsd.c == pytest.approx(0.5 * np.log(2), abs=1e-9)
+    assert dv.in_gauge("reverse_kl", "sublinear") == dv.get("reverse_kl")  # already sublinear
+    assert dv.in_gauge("tv", None) == dv.get("tv")
+    # The gauge changes the generator, not the divergence: f + c (1 - u) sums to the same value.
+    pi, q = jnp.array([0.2, 0.5, 0.3]), jnp.array([0.6, 0.1, 0.3])
+    value = lambda d: float(jnp.sum(pi * d.f(jnp.log(q / pi))))
+    assert value(jsd) == pytest.approx(value(dv.get("jsd")), abs=1e-6)
+    with pytest.raises(ValueError, match="forward_kl has no sublinear gauge"):
+        dv.in_gauge("forward_kl", "sublinear")
+    with pytest.raises(ValueError, match="gauge must be None"):
+        dv.in_gauge("jsd", "linear")

@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # script -> number of variants in --quick mode
 SCRIPTS = {
     "lambda_sweep": 2,
-    "divergences": 2,
+    "divergences": 3,
     "levels": 2,
     "multi_teacher": 2,
     "supports": 2,
@@ -91,7 +91,10 @@ def test_quick_run_writes_every_output(quick_results, name):
 def test_divergences_pairs_corrections(quick_results):
     tmp, _ = quick_results
     paired = _rows(tmp / "results" / "divergences" / "paired_difference.csv")
-    assert [p["divergence"] for p in paired] == ["jsd"]
+    assert [(p["divergence"], p["label"], p["against"]) for p in paired] == [
+        ("jsd", "jsd opd_plus", "jsd stop_grad"),
+        ("jsd", "jsd opd_plus", "jsd stop_grad sublinear"),
+    ]
 
 
 def test_multi_teacher_reports_both_domains(quick_results):

@@ -621,6 +621,11 @@ def test_off_policy_sampling_needs_the_is_correction(assets, field, value):
         ({"estimator.support": "full", "loss.num_minibatches": 2}, "loss.num_minibatches=1"),
         ({"reward.task_weight": 1.0, "rollout.num_samples": 1}, "at least 2 samples per prompt"),
         ({"reward.task_weight": 1.0, "train.verify_rollouts": False}, "verify_rollouts is False"),
+        ({"estimator.gauge": "linear"}, "estimator.gauge: gauge must be None"),
+        (
+            {"estimator.divergence": "forward_kl", "estimator.gauge": "sublinear"},
+            "forward_kl has no sublinear gauge",
+        ),
     ],
 )
 def test_support_and_reward_combinations_are_refused_with_the_fix(assets, tmp_path, overrides,

@@ -43,17 +43,6 @@ from opdplus_jax.analysis.exact import Estimator, Problem, evaluate
 GROUP = 2  # samples per prompt when a row has a group baseline (enumeration cost: |Y|^GROUP)
 
 
-def sublinear_gauge(divergence: Any) -> float | None:
-    """c = lim_{u -> inf} f(u) / u of `divergence`'s generator (float64), so that f + c (1 - u)
-    grows sublinearly; 0.0 when f already does; None when the limit is infinite."""
-    with jax.enable_x64(True):
-        ratio = lambda log_u: float(divergence.f(jnp.float64(log_u)) / jnp.exp(log_u))
-        a, b = ratio(40.0), ratio(60.0)
-    if not (math.isfinite(a) and math.isfinite(b)) or abs(a - b) > 1e-6 * max(1.0, abs(b)):
-        return None
-    return 0.0 if abs(b) < 1e-9 else b
-
-
 def target_name(level: str, discount: float, discount_objective: bool = False) -> str:
     """The objective an estimator of this level and discount is unbiased for (when corrected)."""
     if level == "sequence":
@@ -88,7 +77,9 @@ def configured_estimator(config, vocab: int | None = None) -> Any:
                    "tail": est.tail or "renormalize"}  # fmt: skip
     return Estimator(
         **support,
-        divergence=divergences.get(est.divergence, **dict(est.divergence_params)),
+        divergence=divergences.in_gauge(
+            divergences.get(est.divergence, **dict(est.divergence_params)), est.gauge
+        ),
         correction=est.correction,
         level=est.level,
         discount=float(est.discount),
@@ -104,14 +95,20 @@ def rows_for(config, vocab: int | None = None) -> list[Row]:
     """The configured estimator, its alternatives and the peer presets."""
     configured = configured_estimator(config, vocab)
     rep = dataclasses.replace
-    rows = [Row("configured", configured, configured=True)]
-    # The sampled-token alternatives (of the same divergence, level, discount, ...).
-    base = rep(configured, full_vocab=False, support="full", top_k=None, tail="renormalize")
+    registered = divergences.get(
+        config.estimator.divergence, **dict(config.estimator.divergence_params)
+    )
+    shift = None if configured.divergence == registered else configured.divergence.c
+    rows = [Row("configured", configured, gauge=shift, configured=True)]
+    # The sampled-token alternatives (of the same divergence, level, discount, ...), registered
+    # gauge.
+    base = rep(configured, divergence=registered, full_vocab=False, support="full", top_k=None,
+               tail="renormalize")  # fmt: skip
     if configured.full_vocab:
         rows.append(Row("support=sampled", base))
     rows.append(Row("opd_plus", rep(base, correction="opd_plus")))
     rows.append(Row("stop_grad, registered gauge", rep(base, correction="stop_grad")))
-    c = sublinear_gauge(base.divergence)
+    c = divergences.sublinear_gauge(base.divergence)
     if c is not None and c != 0.0:
         gauged = divergences.with_gauge(base.divergence, c)
         rows.append(Row(f"stop_grad, sublinear gauge c={c:.4g}",

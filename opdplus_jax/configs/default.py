@@ -52,6 +52,10 @@ def _base() -> config_dict.ConfigDict:
     c.estimator.divergence = "reverse_kl"
     c.estimator.divergence_params = config_dict.ConfigDict()  # e.g. {"beta": 0.5} for jsd
     c.estimator.correction = "opd_plus"  # opd_plus | stop_grad
+    # The generator's gauge f(u) + c (1 - u) (same divergence; only stop_grad's estimate moves):
+    # None = as registered | "sublinear" (c = lim f(u)/u, so f grows sublinearly like reverse
+    # KL's -log u: 1/2 log 2 for JSD, 1/2 for TV, 1 for Hellinger; forward KL has none).
+    c.estimator.gauge = config_dict.placeholder(str)
     c.estimator.level = "token"  # token | sequence
     c.estimator.discount = 0.0  # gamma in [0, 1]
     # Clamp each log u_t to [-c, c] (biased; see opdplus_jax.estimators); None = off.

@@ -306,6 +306,9 @@ def run_grid(
             _log(f"    {', '.join(shown)}, {row['seconds']:.0f} s")
             write_csv(runs_path, runs)
             write_csv(curves_path, curves)
+        # A variant's programs are not reused by the next one: free them (each compiled program
+        # holds memory mappings, and a long grid would otherwise pass the kernel's limit).
+        jax.clear_caches()
     write_csv(runs_path, runs)
     write_csv(curves_path, curves)
     return runs, curves

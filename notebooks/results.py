@@ -23,7 +23,8 @@
 # * `levels`: token level with γ = 0 or 1, and sequence level;
 # * `multi_teacher`: arithmetic and tool-use teachers merged into one student, OPD vs ExOPD;
 # * `supports`: the OPD term over the sampled token, the full vocabulary or the teacher's top-k,
-#   and verifier rewards mixed in.
+#   and verifier rewards mixed in;
+# * `lora`: LoRA rank-8 students against full fine-tuning.
 #
 # Every run's row (`runs.csv`) holds the greedy held-out accuracy at the end, KL(student ‖ teacher)
 # per token on the student's own samples, and the mean of the last 5 training steps' metrics;
@@ -279,6 +280,30 @@ if runs:
     for p in load(name, "paired_difference.csv"):
         cells = [interval(p, k, d) for k, d in (("accuracy", 3), ("kl_per_token", 4))]
         print(f"| {p['label']} | " + " | ".join(cells) + f" | {int(p['n'])} |")
+    print()
+
+# %% [markdown]
+# ## (f) LoRA students
+#
+# Rank-8 adapters on every projection against full fine-tuning, same estimator and seeds: held-out
+# accuracy, KL, and the update's wall time per step (last 5 steps).
+
+# %%
+name = "lora"
+runs, refs = load(name), load(name, "references.csv")
+if runs:
+    print(f"## {name}\n")
+    table(runs, ["accuracy", "kl_per_token", "train_time/update"], refs)
+    fig, ax = plt.subplots(1, 1, figsize=(7, 4))
+    curves(ax, name, refs=refs)
+    fig.suptitle("LoRA r=8 vs full fine-tuning")
+    save(fig, name)
+    print("| variant | Δ accuracy [95% CI] | Δ KL/token [95% CI] | Δ update s [95% CI] | seeds |")
+    print("|---|---|---|---|---|")
+    for p in load(name, "paired_difference.csv"):
+        keys = (("accuracy", 3), ("kl_per_token", 4), ("train_time/update", 3))
+        print(f"| {p['label']} | " + " | ".join(interval(p, k, d) for k, d in keys)
+              + f" | {int(p['n'])} |")  # fmt: skip
     print()
 
 # %% [markdown]

@@ -163,15 +163,18 @@ class StepConfig:
             raise ValueError(
                 f"StepConfig.retokenized needs one bool per teacher ({k}); got {self.retokenized}"
             )
-        if not self.retokenized:
-            object.__setattr__(self, "retokenized", (False,) * k)
-        for i, re_tok in enumerate(self.retokenized):
+        for i, re_tok in enumerate(self.retokenized_teachers):
             if re_tok and (self.full_vocabulary or self.reward_scales[i] != 1.0):
                 raise ValueError(
                     f"teacher {i} has its own tokenizer: it needs support='sampled' and reward "
                     "scale 1 (its vocabulary differs from the student's and from a reference's); "
                     f"got support={self.support!r}, reward scale {self.reward_scales[i]}"
                 )
+
+    @property
+    def retokenized_teachers(self) -> tuple[bool, ...]:
+        """Per teacher, whether it has its own tokenizer (`retokenized`; all False if empty)."""
+        return self.retokenized or (False,) * len(self.teachers)
 
     @property
     def full_vocabulary(self) -> bool:
@@ -385,7 +388,7 @@ def _advantages(
     k_teachers = len(cfg.teachers)
     teacher_logps = [
         None
-        if cfg.retokenized[k]
+        if cfg.retokenized_teachers[k]
         else _completion_logprobs(cfg, g, p, _rows(mb, span).for_teacher())
         for k, (g, p, span) in enumerate(zip(cfg.teachers, frozen.teachers, spans, strict=True))
     ]
@@ -405,7 +408,9 @@ def _advantages(
         rows = _rows(mb, spans[k])
         ls = _rows(logp_sg, spans[k])
         mask = rows.mask
-        if cfg.retokenized[k]:  # group level: the teacher's group log-probs came with the rows
+        if cfg.retokenized_teachers[
+            k
+        ]:  # group level: the teacher's group log-probs came with the rows
             ls, lt, mask = _group_sums(ls, rows), rows.teacher_group_logp, rows.teacher_group_mask
         ref = cfg.reference_of[k]
         est = estimators.estimate(
@@ -421,7 +426,9 @@ def _advantages(
             log_ratio_clip=cfg.log_ratio_clip,
         )
         adv = est.advantages
-        if cfg.retokenized[k]:  # every student token of a group takes the group's advantage
+        if cfg.retokenized_teachers[
+            k
+        ]:  # every student token of a group takes the group's advantage
             adv = jnp.take_along_axis(adv, rows.teacher_group, axis=1) * (rows.mask > 0)
         advs.append(adv)
         log_us.append(est.log_ratio)

@@ -786,7 +786,7 @@ class Trainer:
             teacher_prompt_tokens=rows(prompts_batch["teacher_prompt_ids"]),
             teacher_prompt_mask=rows(prompts_batch["teacher_prompt_mask"]),
         )
-        if not any(self.step_cfg.retokenized):
+        if not any(self.step_cfg.retokenized_teachers):
             return rollout
         group, logp, mask = self.teacher_groups(rollout)
         place = lambda x: sharding.global_rows(self.mesh, x)
@@ -832,7 +832,7 @@ class Trainer:
         b, t = tokens.shape
         group = np.tile(np.arange(t, dtype=np.int32), (b, 1)) * (mask > 0)
         logp, group_mask = np.zeros((b, t), np.float32), (mask > 0).astype(np.int32)
-        for k, retokenized in enumerate(self.step_cfg.retokenized):
+        for k, retokenized in enumerate(self.step_cfg.retokenized_teachers):
             rows = np.flatnonzero(routes == k)
             if not retokenized or not len(rows):
                 continue
@@ -952,7 +952,7 @@ class Trainer:
                 out = logp if out is None else jnp.where((routes == k)[:, None], logp, out)
             return out
         cfg = self.step_cfg
-        if cfg.retokenized[teacher]:  # group log-probs at each group's last student token
+        if cfg.retokenized_teachers[teacher]:  # group log-probs at each group's last student token
             rows = np.arange(rollout.num_rows)
             teacher_logp, alignments = self.retokenized_logprobs(rollout, teacher, rows)
             mask = sharding.host_array(rollout.mask)

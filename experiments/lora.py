@@ -13,8 +13,6 @@ Writes experiments/results/lora/.
 
 from __future__ import annotations
 
-import os
-
 from experiments import common, outputs
 from opdplus_jax import demo, lora, models
 
@@ -49,10 +47,6 @@ def main(argv=None) -> dict:
     res = common.demo_experiment(args, variants, FULL, ["lora_rank", "learning_rate"], desc)
     counts = trainable_counts(args.cache_dir)
     res["meta"]["trainable_parameters"] = counts
-    paired = outputs.paired_differences(
-        res["runs"], "full fine-tuning", [k for k, _, _ in PAIRED_METRICS]
-    )
-    outputs.write_csv(os.path.join(args.out, "paired_difference.csv"), paired)
     time_summary = outputs.summary_table(
         res["summary"], ["label"], [("train_time/update", "update seconds (last 5 steps)", 3)]
     )
@@ -64,8 +58,8 @@ def main(argv=None) -> dict:
         "Final held-out metrics (mean ± std over seeds)": res["table"],
         "Update time per step (mean ± std over seeds)": time_summary,
         "Trainable parameters": counts_table,
-        "Minus full fine-tuning of the same seed (mean [95% t interval])": outputs.paired_table(
-            paired, PAIRED_METRICS
+        "Minus full fine-tuning of the same seed (mean [95% t interval])": outputs.write_paired(
+            args.out, res["runs"], "full fine-tuning", PAIRED_METRICS
         ),
     }
     outputs.write_results(args, tables, res["meta"])

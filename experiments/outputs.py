@@ -94,6 +94,16 @@ def paired_differences(
     return out
 
 
+def write_paired(
+    out: str, runs: Sequence[dict], against: str, metrics_: Sequence[tuple[str, str, int]]
+) -> str:
+    """`paired_differences` of every variant against `against`, written to
+    `out/paired_difference.csv`; returns their `paired_table`."""
+    paired = paired_differences(runs, against, [k for k, _, _ in metrics_])
+    write_csv(os.path.join(out, "paired_difference.csv"), paired)
+    return paired_table(paired, metrics_)
+
+
 def paired_table(paired: Sequence[dict], metrics_: Sequence[tuple[str, str, int]]) -> str:
     """Markdown: one row per variant, each metric as "mean [low, high]" (`paired_differences`)."""
     header = ["variant", "against", *(title for _, title, _ in metrics_), "seeds"]

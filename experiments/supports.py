@@ -14,8 +14,6 @@ Writes experiments/results/supports/.
 
 from __future__ import annotations
 
-import os
-
 from experiments import common, outputs
 
 NAME = "supports"
@@ -45,12 +43,10 @@ def main(argv=None) -> dict:
     variants = [v for v in VARIANTS if not args.quick or v.label in QUICK_LABELS]
     desc = __doc__.split("\n\n")[2]
     res = common.demo_experiment(args, variants, FULL, ["support", "task_weight"], desc)
-    paired = outputs.paired_differences(res["runs"], "sampled", [k for k, _, _ in PAIRED_METRICS])
-    outputs.write_csv(os.path.join(args.out, "paired_difference.csv"), paired)
     tables = {
         "Final held-out metrics (mean ± std over seeds)": res["table"],
-        "Minus the sampled run of the same seed (mean [95% t interval])": outputs.paired_table(
-            paired, PAIRED_METRICS
+        "Minus the sampled run of the same seed (mean [95% t interval])": outputs.write_paired(
+            args.out, res["runs"], "sampled", PAIRED_METRICS
         ),
     }
     outputs.write_results(args, tables, res["meta"])

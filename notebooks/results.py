@@ -72,6 +72,17 @@ def interval(p, key, d):
     return f"{p[f'{key}_diff']:+.{d}f} [{p[f'{key}_ci_low']:+.{d}f}, {p[f'{key}_ci_high']:+.{d}f}]"
 
 
+def print_paired(name, keys):
+    """Markdown table of results/<name>/paired_difference.csv: each variant minus its paired
+    run, "mean [95% t interval]" per (key, digits)."""
+    print("| variant | " + " | ".join(f"Δ {k} [95% CI]" for k, _ in keys) + " | seeds |")
+    print("|" + "---|" * (len(keys) + 2))
+    for p in load(name, "paired_difference.csv"):
+        cells = [interval(p, k, d) for k, d in keys]
+        print(f"| {p['label']} | " + " | ".join(cells) + f" | {int(p['n'])} |")
+    print()
+
+
 def digits(key):
     return 4 if "kl" in key else 3
 
@@ -275,12 +286,7 @@ if runs:
     curves(ax, name, refs=refs)
     fig.suptitle("Support of the OPD term and task rewards")
     save(fig, name)
-    print("| variant | Δ accuracy vs sampled [95% CI] | Δ KL/token [95% CI] | seeds |")
-    print("|---|---|---|---|")
-    for p in load(name, "paired_difference.csv"):
-        cells = [interval(p, k, d) for k, d in (("accuracy", 3), ("kl_per_token", 4))]
-        print(f"| {p['label']} | " + " | ".join(cells) + f" | {int(p['n'])} |")
-    print()
+    print_paired(name, (("accuracy", 3), ("kl_per_token", 4)))
 
 # %% [markdown]
 # ## (f) LoRA students
@@ -298,13 +304,7 @@ if runs:
     curves(ax, name, refs=refs)
     fig.suptitle("LoRA r=8 vs full fine-tuning")
     save(fig, name)
-    print("| variant | Δ accuracy [95% CI] | Δ KL/token [95% CI] | Δ update s [95% CI] | seeds |")
-    print("|---|---|---|---|---|")
-    for p in load(name, "paired_difference.csv"):
-        keys = (("accuracy", 3), ("kl_per_token", 4), ("train_time/update", 3))
-        print(f"| {p['label']} | " + " | ".join(interval(p, k, d) for k, d in keys)
-              + f" | {int(p['n'])} |")  # fmt: skip
-    print()
+    print_paired(name, (("accuracy", 3), ("kl_per_token", 4), ("train_time/update", 3)))
 
 # %% [markdown]
 # ## Reading the numbers

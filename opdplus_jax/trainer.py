@@ -671,9 +671,10 @@ class Trainer:
         )
         self.teacher_names = list(self.config.teachers.keys())
         self.teacher_prompts = teacher_prompts(self.config, self.tokenizer)
+        # A re-tokenising teacher's prompt builder holds its folder's tokenizer.
         self.teacher_tokenizers = [
-            Tokenizer.from_pretrained(t.path) if t.retokenize else self.tokenizer
-            for t in self.config.teachers.values()
+            builder.tokenizer if t.retokenize else self.tokenizer
+            for t, builder in zip(self.config.teachers.values(), self.teacher_prompts, strict=True)
         ]
         engine = partial(make_engine, r.engine, self.step_cfg.student, slots=r.slots)
         self.engine = engine(rollout)

@@ -4,7 +4,11 @@ Every experiment is a list of `Variant`s (a label, dotted config overrides, desc
 run for several seeds through `trainer.train_and_evaluate`, all in one process so that JAX
 compilations are reused across runs. Each run starts from the demo's cached base model and is
 distilled from the demo's cached teacher (`demo.build_data` / `demo.build_model` in
-`--cache_dir`); a seed changes the prompt order and every rollout, never the initial weights.
+`--cache_dir`). Seed k distils build k of the base and teacher (`demo.Settings.model_seed` = k:
+other initial weights and SFT batch order, the same data, in `<cache_dir>/build<k>`) with its
+own prompt order and rollouts; `--one_build` keeps every seed on build 0, so that only the prompt
+order and rollouts vary. Runs of different variants with the same seed share a build, so paired
+differences compare like with like.
 
 Per run (one row of `runs.csv`): greedy held-out accuracy and KL(student || teacher) per token on
 the student's own temperature-1 samples (`demo.evaluate_model`), the means of the last
@@ -33,6 +37,7 @@ import numpy as np
 
 from experiments.outputs import (
     aggregate,
+    mean_references,
     plot_bars,
     plot_curves,
     read_csv,
@@ -103,13 +108,15 @@ def parse_args(name: str, description: str, argv: Sequence[str] | None = None):
     variant never mixes with (or resumes from) the plain experiment's runs."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny settings (about a minute)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (3; quick: 2)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (5; quick: 2)")
     p.add_argument("--out", default=None, help="results folder (default experiments/results/"
                    f"{name}; quick: runs/experiments/quick/{name})")  # fmt: skip
     p.add_argument("--cache_dir", default=None, help="cached data and models (shared; default "
                    "runs/experiments/cache, quick: runs/experiments/quick/cache)")  # fmt: skip
     p.add_argument("--workdir", default=None, help="run folders (default: <cache_dir>/../work)")
     p.add_argument("--steps", type=int, default=None, help="override train.num_steps")
+    p.add_argument("--one_build", action="store_true", help="every seed distils build 0 of the "
+                   "base and teacher (default: seed k distils build k)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override in every run, e.g. estimator.baseline=loo")  # fmt: skip
     args = p.parse_args(argv)
@@ -130,7 +137,7 @@ def parse_args(name: str, description: str, argv: Sequence[str] | None = None):
     suffix = "".join(f"_{k.rsplit('.', 1)[-1]}-{v}" for k, v in args.overrides.items())
     name = name + suffix
     args.name = name
-    args.seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 3)
+    args.seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 5)
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.steps is not None and args.steps < 1:
@@ -182,27 +189,46 @@ def single_device_mesh() -> jax.sharding.Mesh:
 # ------------------------------------------------------------------------------ demo models
 
 
-def demo_models(cache_dir: str, settings: demo.Settings, overrides: dict[str, Any]) -> dict:
-    """The demo's data, base and teacher in `cache_dir` (built once, then cached)."""
+def build_of(args, seed: int) -> int:
+    """The base/teacher build that seed `seed` distils: `seed`, or 0 with --one_build."""
+    return 0 if args.one_build else seed
+
+
+def build_dir(args, build: int) -> str:
+    """The cache folder of one build of the demo's data and models."""
+    return os.path.join(args.cache_dir, f"build{build}")
+
+
+def demo_models(
+    cache_dir: str,
+    settings: demo.Settings,
+    overrides: dict[str, Any],
+    extra: Sequence[demo.ModelStage] = (),
+) -> dict:
+    """The demo's data, base and teacher in `cache_dir` (built once, then cached), then each
+    stage of `extra` in order (its `init`, if any, must be built before it)."""
     config = demo.distill_config("cpu", cache_dir, overrides)
     data_info = demo.build_data(cache_dir, settings)
     base = demo.ModelStage("base", "base_sft.jsonl", settings.base_steps)
     teacher = demo.ModelStage("teacher", "train.jsonl", settings.teacher_steps, init="base",
                               seed_offset=1)  # fmt: skip
-    base_info = demo.build_model(base, cache_dir, settings, config, data_info["key"])
-    teacher_info = demo.build_model(teacher, cache_dir, settings, config, base_info["key"])
-    return {"base": base_info, "teacher": teacher_info}
+    built = {"base": demo.build_model(base, cache_dir, settings, config, data_info["key"])}
+    for stage in (teacher, *extra):
+        parent = built[stage.init]["key"] if stage.init else data_info["key"]
+        built[stage.name] = demo.build_model(stage, cache_dir, settings, config, parent)
+    return built
 
 
-def reference_rows(config, teacher_path: str, policies: dict[str, str]) -> list[dict]:
+def reference_rows(config, teacher_path: str, policies: dict[str, str], **columns) -> list[dict]:
     """Accuracy on `config`'s eval set and KL to the teacher of fixed checkpoints {label: path}
-    (e.g. base and teacher), as `run_one` measures the students."""
+    (e.g. base and teacher), as `run_one` measures the students; `columns` (e.g. the build) are
+    added to every row."""
     tok = Tokenizer.from_pretrained(config.tokenizer_path)
     teacher = models.from_pretrained(teacher_path)
     rows = []
     for label, path in policies.items():
         out = demo.evaluate_model(models.from_pretrained(path), tok, config, teacher)
-        rows.append({"label": label, "accuracy": out["accuracy"], "kl_per_token":
+        rows.append({"label": label, **columns, "accuracy": out["accuracy"], "kl_per_token":
                      out["kl_per_token"]})  # fmt: skip
     return rows
 
@@ -210,8 +236,24 @@ def reference_rows(config, teacher_path: str, policies: dict[str, str]) -> list[
 # ---------------------------------------------------------------------------------------- runs
 
 
-def _run_key(config) -> str:
-    text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+def _stage_record(path) -> Any:
+    """The build record (`demo.STAGE_FILE`'s key) of a model folder, None if it has none."""
+    file = os.path.join(path, demo.STAGE_FILE) if isinstance(path, str) else ""
+    if not os.path.isfile(file):
+        return None
+    with open(file, encoding="utf-8") as f:
+        return json.load(f).get("key")
+
+
+def run_key(config) -> str:
+    """Hash of the full config and of how its models were built: a rebuilt base or teacher in
+    the same folder (other data, other seed) is another run."""
+    cfg = json.loads(config.to_json_best_effort())
+    folders = [config.student.path]
+    for t in config.teachers.values():
+        folders += [t.path, t.reference]
+    builds = [_stage_record(p) for p in folders]
+    text = json.dumps({"config": cfg, "builds": builds}, sort_keys=True)
     return "k" + hashlib.sha256(text.encode()).hexdigest()[:16]  # "k": never parsed as a number
 
 
@@ -263,13 +305,15 @@ def run_grid(
     variants: Sequence[Variant],
     make_config: Callable[[dict[str, Any], int], Any],
     *,
-    kl_teacher: dict[str, str],
+    kl_teacher: dict[str, str] | Callable[[int], dict[str, str]],
     eval_sets: dict[str, str] | None = None,
     mesh=None,
 ) -> tuple[list[dict], list[dict]]:
     """Every variant × seed (seeds 0..args.seeds-1); returns (runs rows, curve rows).
 
-    `make_config(overrides, seed)` -> locked trainer config. Results are appended to
+    `make_config(overrides, seed)` -> locked trainer config; `kl_teacher`: eval-set name ->
+    teacher folder (see `run_one`), or a function of the seed returning it (one build per
+    seed). Results are appended to
     `<out>/runs.csv` and `<out>/curves.csv` after each run; rows with the same run key are
     reused (resume)."""
     labels = [v.label for v in variants]
@@ -284,7 +328,7 @@ def run_grid(
     for i, v in enumerate(variants):
         for seed in range(args.seeds):
             config = make_config(v.overrides, seed)
-            key = _run_key(config)
+            key = run_key(config)
             done = [r for r in old_runs if r.get("run_key") == key]
             if done:
                 runs.append(done[0])
@@ -294,7 +338,8 @@ def run_grid(
             n = i * args.seeds + seed + 1
             _log(f"[{args.name}] run {n}/{total}: {v.label} seed {seed}")
             workdir = os.path.join(args.workdir, v.label.replace(" ", "_"), f"seed{seed}")
-            row, curve = run_one(config, workdir, mesh, kl_teacher, eval_sets)
+            teachers = kl_teacher(seed) if callable(kl_teacher) else kl_teacher
+            row, curve = run_one(config, workdir, mesh, teachers, eval_sets)
             ident = {"label": v.label, **v.columns, "seed": seed, "run_key": key}
             runs.append({**ident, **row})
             curves += [{**ident, **c} for c in curve]
@@ -339,41 +384,75 @@ def run_meta(args, description: str, settings, overrides: dict, t0: float, built
     }
 
 
+def in_build(overrides: dict[str, Any], folder: str) -> dict[str, Any]:
+    """`overrides` with "{models}" in string values replaced by the build's model folder, e.g.
+    {"teachers.default.path": "{models}/weak_teacher"}."""
+    models_dir = os.path.join(folder, "models")
+    return {k: v.replace("{models}", models_dir) if isinstance(v, str) else v
+            for k, v in overrides.items()}  # fmt: skip
+
+
 def demo_experiment(
     args,
     variants: Sequence[Variant],
     full_overrides: dict[str, Any],
     columns: Sequence[str],
     description: str,
+    *,
+    extra: Sequence[demo.ModelStage] = (),
+    references: Sequence[str] = ("base", "teacher"),
+    teacher: str = "teacher",
+    metric_columns: Sequence[tuple[str, str, int]] = (),
 ) -> dict[str, Any]:
-    """The single-teacher flow on the demo's models: build/reuse base and teacher, evaluate
-    them, run every variant × seed, aggregate, write runs/curves/summary CSVs, results.md, the
-    accuracy-curve and bar plots. Returns everything for experiment-specific plots."""
+    """The single-teacher flow on the demo's models: build/reuse each seed's base and teacher
+    (and the `extra` stages), evaluate the `references` models of every build, run every
+    variant × seed, aggregate, write runs/curves/summary/references CSVs, results.md, the
+    accuracy-curve and bar plots. Returns everything for experiment-specific plots.
+
+    `teacher`: the model stage KL is measured to (and the config's teacher unless a variant
+    overrides it; variant overrides may name "{models}", see `in_build`); `metric_columns`:
+    (key, title, digits) shown after the standard ones."""
     setup(args)
     t0 = time.perf_counter()
     settings, base_overrides = scale(args, full_overrides)
-    built = demo_models(args.cache_dir, settings, base_overrides)
-    make = lambda overrides, seed: demo.distill_config(
-        "cpu", args.cache_dir, {**base_overrides, **overrides, "seed": seed}
-    )
-    config = make({}, 0)
-    teacher_path = config.teachers.default.path
-    refs = reference_rows(config, teacher_path,
-                          {"base": config.student.path, "teacher": teacher_path})  # fmt: skip
-    runs, curves = run_grid(args, variants, make, kl_teacher={"": teacher_path})
+    base_overrides = {"teachers.default.path": "{models}/" + teacher, **base_overrides}
+    builds = sorted({build_of(args, seed) for seed in range(args.seeds)})
+    built_info, refs = {}, []
+    for b in builds:
+        folder = build_dir(args, b)
+        _log(f"[{args.name}] build {b} of the base and teacher in {folder}")
+        built = demo_models(folder, dataclasses.replace(settings, model_seed=b),
+                            in_build(base_overrides, folder), extra)  # fmt: skip
+        built_info[f"build{b}"] = {k: {"cached": v["cached"], "accuracy": v["eval"]["accuracy"]}
+                                   for k, v in built.items()}  # fmt: skip
+        config = demo.distill_config("cpu", folder, in_build(base_overrides, folder))
+        paths = {name: os.path.join(folder, "models", name) for name in references}
+        refs += reference_rows(config, paths[teacher] if teacher in paths else
+                               os.path.join(folder, "models", teacher), paths, build=b)  # fmt: skip
+
+    def make(overrides, seed):
+        folder = build_dir(args, build_of(args, seed))
+        return demo.distill_config(
+            "cpu", folder, in_build({**base_overrides, **overrides, "seed": seed}, folder)
+        )
+
+    kl_teacher = lambda seed: {"": os.path.join(build_dir(args, build_of(args, seed)), "models",
+                                                teacher)}  # fmt: skip
+    runs, curves = run_grid(args, variants, make, kl_teacher=kl_teacher)
     summary = aggregate(runs, ["label", *columns], RUN_METRICS)
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "summary.csv"), summary)
     write_csv(os.path.join(args.out, "references.csv"), refs)
-    ref_acc = {r["label"]: r["accuracy"] for r in refs}
-    plot_curves(os.path.join(args.out, "accuracy_curves.png"), curves, refs=ref_acc,
+    mean_refs = mean_references(refs)
+    plot_curves(os.path.join(args.out, "accuracy_curves.png"), curves,
+                refs={r["label"]: r["accuracy"] for r in mean_refs},
                 title=f"{args.name}: held-out accuracy (mean ± std over seeds)")  # fmt: skip
     plot_bars(os.path.join(args.out, "final.png"), summary, lambda s: s["label"],
               [("accuracy", "held-out accuracy"), ("kl_per_token", "KL(student‖teacher)/token")],
-              refs={r["label"]: r for r in refs}, title=args.name)  # fmt: skip
-    table = summary_table(summary, ["label", *columns], METRIC_COLUMNS, refs)
-    built_info = {k: {"cached": v["cached"], "accuracy": v["eval"]["accuracy"]}
-                  for k, v in built.items()}  # fmt: skip
+              refs={r["label"]: r for r in mean_refs}, title=args.name)  # fmt: skip
+    table = summary_table(summary, ["label", *columns], (*METRIC_COLUMNS, *metric_columns),
+                          mean_refs)  # fmt: skip
     meta = run_meta(args, description, settings, base_overrides, t0, built_info)
-    return {"runs": runs, "curves": curves, "summary": summary, "refs": refs, "table": table,
-            "meta": meta}  # fmt: skip
+    meta["builds"] = builds
+    return {"runs": runs, "curves": curves, "summary": summary, "refs": refs,
+            "mean_refs": mean_refs, "table": table, "meta": meta}  # fmt: skip

@@ -1,6 +1,6 @@
 """(f) LoRA students: rank-8 adapters vs full fine-tuning in the demo's distillation.
 
-    python -m experiments.lora [--quick] [--seeds 3] [--out DIR] [--cache_dir DIR]
+    python -m experiments.lora [--quick] [--seeds 5] [--out DIR] [--cache_dir DIR]
 
 The cpu preset's OPD+ JSD (token level, γ = 0, λ = 1) on the demo's base and teacher, training
 every weight or only LoRA adapters of rank 8 (alpha 16) on every attention and MLP projection
@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
     variants = [v for v in VARIANTS if not args.quick or v.label in QUICK_LABELS]
     desc = __doc__.split("\n\n")[2]
     res = common.demo_experiment(args, variants, FULL, ["lora_rank", "learning_rate"], desc)
-    counts = trainable_counts(args.cache_dir)
+    counts = trainable_counts(common.build_dir(args, 0))
     res["meta"]["trainable_parameters"] = counts
     time_summary = outputs.summary_table(
         res["summary"], ["label"], [("train_time/update", "update seconds (last 5 steps)", 3)]

@@ -1,6 +1,6 @@
 """(d) Multi-teacher merging: an arithmetic teacher and a tool-use teacher into one student.
 
-    python -m experiments.multi_teacher [--quick] [--seeds 3] [--out DIR] [--cache_dir DIR]
+    python -m experiments.multi_teacher [--quick] [--seeds 5] [--out DIR] [--cache_dir DIR]
 
 Models (SFT, cached in `<cache_dir>/multi_teacher` with the demo's stage keys): a base trained
 from random weights on both domains with sloppy solutions (60% of the 2-digit additions forget

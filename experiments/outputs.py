@@ -67,6 +67,20 @@ def aggregate(rows: Sequence[dict], by: Sequence[str], keys: Sequence[str]) -> l
     return out
 
 
+def mean_references(rows: Sequence[dict], keys: Sequence[str] = ("accuracy", "kl_per_token")):
+    """Per reference label over builds: {"label", key: mean, key_std: sample std, "n"}."""
+    out = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        vals = {k: np.array([r[k] for r in rows if r["label"] == label], float) for k in keys}
+        n = len(vals[keys[0]])
+        row = {"label": label, "n": n}
+        for k, v in vals.items():
+            row[k] = float(v.mean())
+            row[f"{k}_std"] = float(v.std(ddof=1)) if n > 1 else None
+        out.append(row)
+    return out
+
+
 def paired_differences(
     runs: Sequence[dict], against: str, keys: Sequence[str], *, level: float = 0.95
 ) -> list[dict]:
@@ -140,9 +154,9 @@ def summary_table(
     digits) rendered as mean ± std."""
     header = [*columns, *(title for _, title, _ in metrics_), "seeds"]
     rows = []
-    for ref in references:
+    for ref in references:  # one model, or the mean ± std over builds
         cells = [ref.get("label", "")] + [""] * (len(columns) - 1)
-        cells += [fmt(ref.get(k, math.nan), None, d) for k, _, d in metrics_]
+        cells += [fmt(ref.get(k, math.nan), ref.get(f"{k}_std"), d) for k, _, d in metrics_]
         rows.append([*cells, "–"])
     for s in summary:
         cells = [s.get(c, "") for c in columns]

@@ -164,6 +164,42 @@ assert worst_plus < 1e-9
 #   rule N3).
 
 # %% [markdown]
+# ### 1b. Stop-grad in two gauges
+#
+# f and f + c (1 − u) define the same divergence (E_π[u − 1] = 0), so OPD+ is the same estimator
+# in every gauge, but stop-grad's advantage −f(u) is not (docs/math.md §1.4). Above, JSD, TV and
+# Hellinger use their registered, standardised generators (f'(1) = 0). In the *sublinear* gauge
+# (`estimator.gauge = "sublinear"`: c = lim f(u)/u, so that f + c (1 − u) grows more slowly than
+# u, as reverse KL's −log u does) stop-grad's surrogate stays bounded where the student puts
+# little mass, and its expectation turns towards the gradient. Forward KL (u log u) has no such
+# gauge. Same problem and levels; cosine to the target.
+
+# %%
+GAUGE_DIVERGENCES = tuple(
+    n for n in TABLE_DIVERGENCES if divergences.sublinear_gauge(n) not in (None, 0.0)
+)
+rows = []
+for name in GAUGE_DIVERGENCES:
+    gauged = divergences.in_gauge(name, "sublinear")
+    for level, gamma in report.LEVELS:
+        cells = [name, level if level == "sequence" else f"token, γ={gamma:g}"]
+        for d in (name, gauged):
+            r = analysis.evaluate(problem, analysis.Estimator(d, "stop_grad", level, gamma))
+            cos = float(jnp.vdot(r.expectation, r.target)) / (norm(r.expectation) * norm(r.target))
+            cells += [f"{r.relative_bias:.3g}", f"{cos:+.3f}"]
+        rows.append(cells)
+show(
+    ["divergence", "level", "registered: rel. bias", "registered: cos",
+     "sublinear: rel. bias", "sublinear: cos"],
+    rows,
+)  # fmt: skip
+
+# %% [markdown]
+# In the sublinear gauge stop-grad points along the target at every level (cosine close to 1)
+# but stays biased in scale and direction; OPD+ is unbiased in either gauge. The trainer's
+# divergences experiment runs both stop-grad gauges (experiments/README.md, (b)).
+
+# %% [markdown]
 # ## 2. Teacher–student distance
 #
 # The teacher is the student plus `teacher_distance` × N(0, 1) logit noise; we sweep the

@@ -25,6 +25,7 @@ SCRIPTS = {
     "multi_teacher": 2,
     "supports": 2,
     "lora": 2,
+    "exopd": 2,
 }
 SEEDS = 2
 FILES = ("runs.csv", "curves.csv", "summary.csv", "references.csv", "results.md", "meta.json")
@@ -97,6 +98,45 @@ def test_divergences_pairs_corrections(quick_results):
     ]
 
 
+def test_each_seed_distils_its_own_build(quick_results):
+    tmp, _ = quick_results
+    refs = _rows(tmp / "results" / "levels" / "references.csv")
+    assert [(r["label"], r["build"]) for r in refs] == [
+        ("base", "0"), ("teacher", "0"), ("base", "1"), ("teacher", "1")
+    ]  # fmt: skip
+    weights = [
+        (tmp / "cache" / f"build{b}" / "models" / "base" / "model.safetensors").read_bytes()
+        for b in (0, 1)
+    ]
+    assert weights[0] != weights[1]  # other initial weights and SFT order, same data
+    data = [(tmp / "cache" / f"build{b}" / "data" / "train.jsonl").read_text() for b in (0, 1)]
+    assert data[0] == data[1]
+    config = common.demo.distill_config("cpu", str(tmp / "cache" / "build0"), {})
+    key = common.run_key(config)
+    record = tmp / "cache" / "build0" / "models" / "base" / common.demo.STAGE_FILE
+    text = record.read_text()
+    try:  # the same config over a rebuilt base is another run (never reused on resume)
+        record.write_text(text.replace('"steps"', '"steps_"', 1))
+        assert common.run_key(config) != key
+    finally:
+        record.write_text(text)
+
+
+def test_exopd_pairs_against_lambda_one_and_the_teacher(quick_results):
+    tmp, _ = quick_results
+    out = tmp / "results" / "exopd"
+    refs = _rows(out / "references.csv")
+    assert {r["label"] for r in refs} == {"base", "small_base", "weak_teacher", "teacher"}
+    vs_teacher = _rows(out / "minus_teacher.csv")
+    assert [(p["label"], p["against"]) for p in vs_teacher] == [
+        ("base λ=1", "teacher"), ("small λ=1.25, ref=teacher's base", "teacher")
+    ]  # fmt: skip
+    runs = {(r["label"], r["seed"]): float(r["accuracy"]) for r in _rows(out / "runs.csv")}
+    teacher = {r["build"]: float(r["accuracy"]) for r in refs if r["label"] == "weak_teacher"}
+    diffs = [runs["base λ=1", s] - teacher[s] for s in ("0", "1")]
+    assert float(vs_teacher[0]["accuracy_diff"]) == pytest.approx(sum(diffs) / 2)
+
+
 def test_multi_teacher_reports_both_domains(quick_results):
     tmp, _ = quick_results
     refs = _rows(tmp / "results" / "multi_teacher" / "references.csv")
@@ -128,6 +168,9 @@ def test_cli_defaults_and_errors():
     assert loo.name == "x_baseline-loo" and loo.out.endswith(os.path.join("results", loo.name))
     assert loo.workdir.endswith(os.path.join("work", loo.name))  # never resumes the plain runs
     assert common.scale(loo, {})[1]["estimator.baseline"] == "loo"
+    assert [common.build_of(full, s) for s in range(3)] == [0, 1, 2]
+    one = common.parse_args("x", "", ["--one_build"])
+    assert [common.build_of(one, s) for s in range(3)] == [0, 0, 0]
     for bad in (["--seeds", "0"], ["--steps", "-1"], ["--set", "estimator.baselin=loo"]):
         with pytest.raises(SystemExit):
             common.parse_args("x", "", bad)

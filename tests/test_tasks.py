@@ -218,3 +218,27 @@ def test_char_tokenizer_chat_template(char_tokenizer):
     assert full.endswith("<|assistant|>5<|im_end|>") and full.startswith("<bos><|system|>s")
     with pytest.raises(Exception, match="unknown chat role"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+@pytest.mark.parametrize(
+    ("name", "knobs", "a", "b"),
+    [
+        ("addition", {"min_digits": 2, "max_digits": 2}, "What is 34 + 12?", "What is 12 + 34?"),
+        ("tool_use", {}, "What is the sum of 14 and 3?", "What is the sum of 3 and 14?"),
+        ("tool_use", {}, "Which is smaller, 9 or 2?", "Which is smaller, 2 or 9?"),
+    ],
+)
+def test_swapped_operands_share_a_split(name, knobs, a, b):
+    task = tasks.get(name, **knobs)
+    assert task.split_key(a) == task.split_key(b)
+    # Over a whole split: no held-out problem is in the train set with its operands swapped
+    # (with prompt-only hashing, 121 of the demo's 200 held-out sums were).
+    train = {task.split_key(ex.prompt) for ex in task.generate("train", 3000, seed=0)}
+    test = [task.split_key(ex.prompt) for ex in task.generate("test", 200, seed=0)]
+    assert not train.intersection(test)
+
+
+def test_asymmetric_questions_keep_their_order():
+    task = tasks.get("tool_use")
+    assert task.split_key("What is 9 minus 2?") == "What is 9 minus 2?"
+    assert task.split_key("What is 2 minus 9?") == "What is 2 minus 9?"

@@ -45,6 +45,7 @@ from opdplus_jax.demo.main import (
 from opdplus_jax.demo.report import evaluate_model, format_table, write_plots
 from opdplus_jax.demo.stages import (
     MODEL_NAMES,
+    STAGE_FILE,
     ModelStage,
     Settings,
     build_data,
@@ -62,6 +63,7 @@ __all__ = [
     "MODEL_NAMES",
     "PRESETS",
     "RUN_OUTPUTS",
+    "STAGE_FILE",
     "UNTIL",
     "ModelStage",
     "Settings",

@@ -61,7 +61,10 @@ class Settings:
     base_steps: int = 300
     teacher_steps: int = 150  # on top of the base's, clean solutions only
     small_base_steps: int = 600
-    seed: int = 0
+    seed: int = 0  # the data (problems, sloppy mix) and, with model_seed, the models
+    # Another build of the same models on the same data: initial weights and SFT batch order
+    # (seed + stage offset + 1000 * model_seed). 0 is the demo's own build.
+    model_seed: int = 0
 
 
 def _log(msg: str) -> None:
@@ -226,7 +229,7 @@ def build_model(
         "parent": parent_key,
         "stage": dataclasses.asdict(stage),
         "arch": dataclasses.asdict(model_config(s, stage.small)),
-        "sft": [s.sft_batch_size, s.seq_len, s.sft_learning_rate, s.seed],
+        "sft": [s.sft_batch_size, s.seq_len, s.sft_learning_rate, s.seed, s.model_seed],
         "eval": [
             config.eval.num_prompts,
             config.eval.max_new_tokens,
@@ -243,10 +246,11 @@ def build_model(
         f"{init or 'random weights'}"
     )
     start = time.perf_counter()
+    seed = s.seed + stage.seed_offset + 1000 * s.model_seed
     tok = Tokenizer.from_pretrained(os.path.join(cache_dir, "models", "tokenizer"))
     if init is None:
         cfg = model_config(s, stage.small)
-        rngs = nnx.Rngs(s.seed + stage.seed_offset)
+        rngs = nnx.Rngs(seed)
         model = models.CausalLM(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
     else:
         model = models.from_pretrained(init, dtype=jnp.float32)
@@ -258,7 +262,7 @@ def build_model(
         batch_size=s.sft_batch_size,
         seq_len=s.seq_len,
         learning_rate=s.sft_learning_rate,
-        seed=s.seed + stage.seed_offset,
+        seed=seed,
         log_every=max(stage.steps // 4, 1),
     )
     sft.save(model, tok, start_stage(folder))

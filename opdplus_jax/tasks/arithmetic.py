@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from typing import ClassVar
 
 from opdplus_jax.tasks.base import TASKS, Example, Task, check_range
+
+_ADDITION = re.compile(r"What is (\d+) \+ (\d+)\?")
 
 
 def _number(rng: random.Random, digits: int) -> int:
@@ -49,6 +52,14 @@ class Addition(_IntegerAnswerTask):
 
     def __post_init__(self) -> None:
         check_range(self.min_digits, self.max_digits, "digits", 1, 30)
+
+    def split_key(self, prompt: str) -> str:
+        """``a+b`` with the smaller operand first: a sum and its swapped twin share a split."""
+        found = _ADDITION.fullmatch(prompt)
+        if found is None:
+            return prompt
+        a, b = sorted(int(x) for x in found.groups())
+        return f"{a}+{b}"
 
     def sample(self, rng: random.Random) -> Example:
         a = _number(rng, rng.randint(self.min_digits, self.max_digits))
@@ -85,6 +96,14 @@ class Multiplication(_IntegerAnswerTask):
     def __post_init__(self) -> None:
         check_range(self.min_digits, self.max_digits, "digits", 1, 30)
         check_range(self.min_multiplier, self.max_multiplier, "multiplier", 0, 9)
+
+    def split_key(self, prompt: str) -> str:
+        """``a+b`` with the smaller operand first: a sum and its swapped twin share a split."""
+        found = _ADDITION.fullmatch(prompt)
+        if found is None:
+            return prompt
+        a, b = sorted(int(x) for x in found.groups())
+        return f"{a}+{b}"
 
     def sample(self, rng: random.Random) -> Example:
         a = _number(rng, rng.randint(self.min_digits, self.max_digits))

@@ -3,8 +3,11 @@
 Every synthetic task draws random problems from a seeded generator. A problem belongs to the
 ``test`` split iff a stable hash (BLAKE2b) of ``"<task>|<prompt>"`` falls below
 ``test_fraction``; the partition depends on the problem only, never on the seed, so no test
-problem can appear in any train set, whatever the seeds and sizes. Within one ``generate`` call
-problems are unique unless ``unique=False`` (small problem spaces would otherwise run out).
+problem can appear in any train set, whatever the seeds and sizes. A task whose problems have
+equivalent spellings hashes a canonical one (`Task.split_key`): ``12 + 34`` and ``34 + 12`` fall
+in the same split, so a held-out sum is never seen with its operands swapped. Within one
+``generate`` call problems are unique unless ``unique=False`` (small problem spaces would
+otherwise run out).
 
 Worked solutions end with a final line ``#### <answer>``; `final_answer` extracts it. Task
 classes are registered in `TASKS` under their `name` (``@TASKS.register`` on the class).
@@ -113,9 +116,15 @@ class Task(abc.ABC):
             return 0.0
         return 1.0 if self.check(predicted, answer_of(example)) else 0.0
 
+    def split_key(self, prompt: str) -> str:
+        """The problem `prompt` poses, spelled canonically: prompts that pose the same problem
+        (e.g. a sum with its operands swapped) must share it. The prompt itself by default."""
+        return prompt
+
     def split_of(self, prompt: str) -> str:
         """``"test"`` or ``"train"``: a fixed function of the problem (seed-independent)."""
-        return "test" if stable_unit(f"{self.name}|{prompt}") < self.test_fraction else "train"
+        key = f"{self.name}|{self.split_key(prompt)}"
+        return "test" if stable_unit(key) < self.test_fraction else "train"
 
     def generate(self, split: str, n: int, seed: int = 0) -> list[Example]:
         """`n` examples of `split` (train/test); same (knobs, split, n, seed) => same list."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 import string
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -40,6 +41,7 @@ class Tool:
     params: tuple[tuple[str, type], ...]
     fn: Callable[..., Any]
     question: str  # str.format template over the parameter names
+    symmetric: bool = False  # f(a, b) = f(b, a): a question and its swapped twin are one problem
 
     @property
     def signature(self) -> str:
@@ -51,11 +53,11 @@ _STR = (("s", str),)
 TOOLS: dict[str, Tool] = {
     t.name: t
     for t in (
-        Tool("add", _INTS, lambda a, b: a + b, "What is the sum of {a} and {b}?"),
+        Tool("add", _INTS, lambda a, b: a + b, "What is the sum of {a} and {b}?", True),
         Tool("sub", _INTS, lambda a, b: a - b, "What is {a} minus {b}?"),
-        Tool("mul", _INTS, lambda a, b: a * b, "What is the product of {a} and {b}?"),
-        Tool("max", _INTS, lambda a, b: max(a, b), "Which is larger, {a} or {b}?"),
-        Tool("min", _INTS, lambda a, b: min(a, b), "Which is smaller, {a} or {b}?"),
+        Tool("mul", _INTS, lambda a, b: a * b, "What is the product of {a} and {b}?", True),
+        Tool("max", _INTS, lambda a, b: max(a, b), "Which is larger, {a} or {b}?", True),
+        Tool("min", _INTS, lambda a, b: min(a, b), "Which is smaller, {a} or {b}?", True),
         Tool("reverse", _STR, lambda s: s[::-1], "What is '{s}' reversed?"),
         Tool("upper", _STR, lambda s: s.upper(), "What is '{s}' in upper case?"),
         Tool("length", _STR, lambda s: len(s), "How many characters are in '{s}'?"),
@@ -143,6 +145,17 @@ class ToolUse(Task):
             listing = " ".join(TOOLS[t].signature for t in self.tools)
             question = f"Tools: {listing}\nAnswer with one JSON call.\n{question}"
         return self.example(question, str(tool.fn(**args)), format_call(tool.name, args))
+
+    def split_key(self, prompt: str) -> str:
+        """A symmetric tool's question with its two integers in increasing order."""
+        for tool in TOOLS.values():
+            if tool.symmetric:
+                pattern = re.escape(tool.question).replace(r"\{a\}", r"(\d+)")
+                found = re.fullmatch(pattern.replace(r"\{b\}", r"(\d+)"), prompt)
+                if found:
+                    a, b = sorted(int(x) for x in found.groups())
+                    return tool.question.format(a=a, b=b)
+        return prompt
 
     def verify(self, response_text: str, example: Example | Mapping[str, Any] | str) -> float:
         try:

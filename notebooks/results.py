@@ -24,17 +24,23 @@
 # * `multi_teacher`: arithmetic and tool-use teachers merged into one student, OPD vs ExOPD;
 # * `supports`: the OPD term over the sampled token, the full vocabulary or the teacher's top-k,
 #   and verifier rewards mixed in;
-# * `lora`: LoRA rank-8 students against full fine-tuning.
+# * `lora`: LoRA rank-8 students against full fine-tuning;
+# * `exopd`: ExOPD with an imperfect teacher, and reward correction with a smaller student.
 #
 # Every run's row (`runs.csv`) holds the greedy held-out accuracy at the end, KL(student ‖ teacher)
 # per token on the student's own samples, and the mean of the last 5 training steps' metrics;
 # `curves.csv` holds the accuracy every few steps. This notebook only reads those files: it
-# recomputes mean ± std over seeds (sample std) and draws the figures.
+# recomputes mean ± std over seeds (sample std), prints the paired differences with their 95% t
+# intervals and draws the figures. Seed k distils build k of the base and teacher, so the
+# reference models are shown as mean ± std over builds. Every number in the results sections of
+# README.md and experiments/README.md is one this notebook prints (`tests/test_results_numbers.py`
+# checks it on the committed CSVs).
 #
 # `OPDPLUS_RESULTS_DIR` points it at another results folder (the test suite runs it on the
 # `--quick` outputs); `OPDPLUS_NOTEBOOK_SMALL=1` skips writing figures to `notebooks/figures/`.
 
 # %%
+import json
 import os
 import sys
 from pathlib import Path
@@ -46,7 +52,7 @@ SMALL = os.environ.get("OPDPLUS_NOTEBOOK_SMALL", "0") not in ("", "0")
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # the repository root: `experiments` is not installed
-from experiments.outputs import read_csv
+from experiments.outputs import mean_references, read_csv
 
 RESULTS = Path(os.environ.get("OPDPLUS_RESULTS_DIR", HERE.parent / "experiments" / "results"))
 FIGURES = HERE / "figures"
@@ -83,16 +89,50 @@ def print_paired(name, keys):
     print()
 
 
+STANDARD = ["accuracy", "kl_per_token", "train_kl_per_token", "train_accuracy"]  # results.md's
+
+
 def digits(key):
-    return 4 if "kl" in key else 3
+    return 4 if any(k in key for k in ("kl", "advantage", "grad_norm")) else 3
+
+
+def ref_cell(ref, k):
+    """A reference model's value, or mean ± std over its builds."""
+    if not isinstance(ref.get(k), float):
+        return ""
+    std = ref.get(f"{k}_std")
+    return f"{ref[k]:.{digits(k)}f}" + (f" ± {std:.{digits(k)}f}" if std is not None else "")
+
+
+def mean_refs(refs, keys):
+    """`refs` (one row per model and build) as one row per model: mean ± std over builds."""
+    if not refs or "build" not in refs[0]:
+        return refs  # one build: the rows are the models
+    return mean_references(refs, [k for k in keys if isinstance(refs[0].get(k), float)])
+
+
+def references(name):
+    """results/<name>/references.csv, one row per model (mean ± std over builds)."""
+    return mean_refs(load(name, "references.csv"), ["accuracy", "kl_per_token"])
+
+
+def describe(name):
+    """One line on how an experiment ran (meta.json): seeds, builds, wall time, load."""
+    path = RESULTS / name / "meta.json"
+    if path.is_file():
+        meta = json.loads(path.read_text())
+        load_avg = meta.get("load_average") or [float("nan")]
+        print(f"{meta['seeds']} seeds, builds {meta.get('builds', [0])}, "
+              f"{meta['wall_seconds'] / 60:.1f} min wall, load average "
+              f"{', '.join(f'{x:.1f}' for x in load_avg)}\n")  # fmt: skip
 
 
 def table(rows, keys, refs=()):
-    """Markdown table: reference models, then mean ± std per label."""
+    """Markdown table: reference models (mean ± std over builds), then mean ± std per label."""
     print("| model | " + " | ".join(keys) + " | seeds |")
     print("|" + "---|" * (len(keys) + 2))
-    for ref in refs:
-        cells = [f"{ref[k]:.{digits(k)}f}" if isinstance(ref.get(k), float) else "" for k in keys]
+    for ref in mean_refs(list(refs), keys):
+        cells = [ref_cell(ref, k) for k in keys]
         print(f"| {ref['label']} | " + " | ".join(cells) + " | – |")
     for label in labels(rows):
         cells = []
@@ -140,10 +180,12 @@ print(f"results folder: {RESULTS}; experiments found: {found or 'none (run exper
 
 # %%
 name = "lambda_sweep"
-runs, refs = load(name), load(name, "references.csv")
+runs, refs = load(name), references(name)
 if runs:
     print(f"## {name}\n")
-    table(runs, ["accuracy", "kl_per_token", "train_kl_per_token"], refs)
+    describe(name)
+    table(runs, STANDARD, refs)
+    print_paired(name, (("accuracy", 3), ("kl_per_token", 4)))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     lams = sorted({r["lambda"] for r in runs})
     for ax, key in zip(axes[:2], ["accuracy", "kl_per_token"], strict=True):
@@ -173,10 +215,11 @@ for name in (
     "divergences",
     "divergences_baseline-loo",
 ):  # the plain runs, then a leave-one-out baseline
-    runs, refs = load(name), load(name, "references.csv")
+    runs, refs = load(name), references(name)
     if runs:
         print(f"## {name}\n")
-        table(runs, ["accuracy", "kl_per_token", "train_kl_per_token"], refs)
+        describe(name)
+        table(runs, STANDARD, refs)
         divs = list(dict.fromkeys(r["divergence"] for r in runs))
         arms = [a for a in ("stop_grad", "stop_grad sublinear", "opd_plus")
                 if any(f"{d} {a}" in labels(runs) for d in divs)]  # fmt: skip
@@ -215,13 +258,23 @@ for name in (
 # sum of per-token divergences (unbiased, higher variance); sequence level gives every token
 # the same advantage from the whole sequence's ratio Π u_t (unbiased for the sequence-level
 # divergence, highest variance). Again with the leave-one-out baseline variant when it exists.
+# Two saturation diagnostics of the last 5 training steps sit next to accuracy and KL: the mean
+# |advantage| per token and the gradient norm. At sequence level the JSD advantage is
+# w_f(U) = U f'(U) − f(U) of the sequence ratio U = Π u_t, which tends to ½ log 2 (printed below)
+# as U → 0: a constant advantage carries no signal. The runs at a 10× lower learning rate check
+# that a collapse is the estimator's and not the step size's.
 
 # %%
+print(f"½ log 2 = {0.5 * np.log(2):.4f}\n")
 for name in ("levels", "levels_baseline-loo"):  # the plain runs, then a leave-one-out baseline
-    runs, refs = load(name), load(name, "references.csv")
+    runs, refs = load(name), references(name)
     if runs:
         print(f"## {name}\n")
-        table(runs, ["accuracy", "kl_per_token", "train_kl_per_token"], refs)
+        describe(name)
+        diagnostics = [k for k in ("train_advantage_abs_mean", "train_grad_norm") if k in runs[0]]
+        table(runs, [*STANDARD, *diagnostics], refs)
+        if load(name, "paired_difference.csv"):
+            print_paired(name, (("accuracy", 3), ("kl_per_token", 4)))
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         curves(axes[0], name, refs=refs)
         names = labels(runs)
@@ -241,9 +294,10 @@ for name in ("levels", "levels_baseline-loo"):  # the plain runs, then a leave-o
 
 # %%
 name = "multi_teacher"
-runs, refs = load(name), load(name, "references.csv")
+runs, refs = load(name), references(name)
 if runs:
     print(f"## {name}\n")
+    describe(name)
     domains = ["arithmetic", "tool_use"]
     keys = [f"{d}_{m}" for d in domains for m in ("accuracy", "kl_per_token")]
     table(runs, keys, refs)
@@ -278,10 +332,11 @@ if runs:
 
 # %%
 name = "supports"
-runs, refs = load(name), load(name, "references.csv")
+runs, refs = load(name), references(name)
 if runs:
     print(f"## {name}\n")
-    table(runs, ["accuracy", "kl_per_token", "train_accuracy"], refs)
+    describe(name)
+    table(runs, [*STANDARD, "train_advantage_abs_mean"], refs)
     fig, ax = plt.subplots(1, 1, figsize=(7, 4))
     curves(ax, name, refs=refs)
     fig.suptitle("Support of the OPD term and task rewards")
@@ -296,15 +351,42 @@ if runs:
 
 # %%
 name = "lora"
-runs, refs = load(name), load(name, "references.csv")
+runs, refs = load(name), references(name)
 if runs:
     print(f"## {name}\n")
-    table(runs, ["accuracy", "kl_per_token", "train_time/update"], refs)
+    describe(name)
+    table(runs, [*STANDARD, "train_time/update"], refs)
     fig, ax = plt.subplots(1, 1, figsize=(7, 4))
     curves(ax, name, refs=refs)
     fig.suptitle("LoRA r=8 vs full fine-tuning")
     save(fig, name)
     print_paired(name, (("accuracy", 3), ("kl_per_token", 4), ("train_time/update", 3)))
+
+# %% [markdown]
+# ## (g) ExOPD with an imperfect teacher, and reward correction
+#
+# The teacher here is the base plus only 60 steps of clean SFT, well below 100%, so a student can
+# end above it. The base student tries λ ∈ {1, 1.25, 1.5} (reference = its initial weights, which
+# are also the teacher's pre-SFT model); a smaller student, whose initialisation is not the
+# teacher's base, tries λ = 1.25 with either reference. Paired: each ExOPD arm minus λ = 1 of the
+# same student, and each student minus its seed's teacher.
+
+# %%
+name = "exopd"
+runs, refs = load(name), references(name)
+if runs:
+    print(f"## {name}\n")
+    describe(name)
+    table(runs, [*STANDARD, "train_advantage_abs_mean"], refs)
+    print_paired(name, (("accuracy", 3), ("kl_per_token", 4)))
+    print("| student minus its teacher | Δ accuracy [95% CI] | seeds |\n|---|---|---|")
+    for p in load(name, "minus_teacher.csv"):
+        print(f"| {p['label']} | {interval(p, 'accuracy', 3)} | {int(p['n'])} |")
+    print()
+    fig, ax = plt.subplots(1, 1, figsize=(7, 4))
+    curves(ax, name, refs=refs)
+    fig.suptitle("ExOPD with an imperfect teacher")
+    save(fig, name)
 
 # %% [markdown]
 # ## Reading the numbers

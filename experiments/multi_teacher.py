@@ -9,8 +9,9 @@ one teacher per domain = the base with more SFT on that domain's clean solutions
 student starts from the base; every training prompt is routed to its domain's teacher by the
 `teacher` field. OPD: λ = 1 for both teachers; ExOPD: λ = 1.25 with reference = the base
 (the student's initial weights). Estimator: the cpu preset's OPD+ JSD, token level, γ = 0.
-Per domain: greedy held-out accuracy and KL(model ‖ that domain's teacher) per token.
-Writes experiments/results/multi_teacher/.
+Per domain: greedy held-out accuracy and KL(model ‖ that domain's teacher) per token; ExOPD
+minus OPD paired by seed with 95% t intervals. One build of the models serves every seed (the
+seed varies the prompt order and rollouts). Writes experiments/results/multi_teacher/.
 """
 
 from __future__ import annotations
@@ -160,7 +161,13 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     built_info = {k: {"cached": v["cached"], "seconds": v["seconds"]} for k, v in built.items()}
     meta = common.run_meta(args, __doc__.split("\n\n")[2], settings, base_overrides, t0, built_info)
-    tables = {"Per-domain held-out accuracy and KL to the domain's teacher": table}
+    paired_metrics = [(k, f"Δ {title}", 4 if "KL" in title else 3) for k, title, _ in cols]
+    tables = {
+        "Per-domain held-out accuracy and KL to the domain's teacher": table,
+        "ExOPD minus OPD of the same seed (mean [95% t interval])": outputs.write_paired(
+            args.out, runs, "OPD (λ=1)", paired_metrics
+        ),
+    }
     outputs.write_results(args, tables, meta)
     return {"runs": runs, "curves": curves, "summary": summary, "refs": refs}
 

@@ -301,6 +301,8 @@ if runs:
     domains = ["arithmetic", "tool_use"]
     keys = [f"{d}_{m}" for d in domains for m in ("accuracy", "kl_per_token")]
     table(runs, keys, refs)
+    if load(name, "paired_difference.csv"):
+        print_paired(name, [(k, digits(k)) for k in keys])
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     models = [r["label"] for r in refs] + labels(runs)
     for j, d in enumerate(domains):

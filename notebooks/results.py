@@ -52,7 +52,7 @@ SMALL = os.environ.get("OPDPLUS_NOTEBOOK_SMALL", "0") not in ("", "0")
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # the repository root: `experiments` is not installed
-from experiments.outputs import mean_references, read_csv
+from experiments.outputs import mean_references, paired_differences, read_csv
 
 RESULTS = Path(os.environ.get("OPDPLUS_RESULTS_DIR", HERE.parent / "experiments" / "results"))
 FIGURES = HERE / "figures"
@@ -86,6 +86,24 @@ def print_paired(name, keys):
     for p in load(name, "paired_difference.csv"):
         cells = [interval(p, k, d) for k, d in keys]
         print(f"| {p['label']} | " + " | ".join(cells) + f" | {int(p['n'])} |")
+    print()
+
+
+def print_minus_reference(name, runs, reference="base"):
+    """Each variant minus the `reference` model of its seed's build (results/<name>/
+    references.csv; with one build for every seed, that build), "mean [95% t interval]"."""
+    refs = load(name, "references.csv")
+    if not refs or "build" not in refs[0]:
+        return
+    by_build = {int(r["build"]): r for r in refs if r["label"] == reference}
+    seeds = sorted({int(r["seed"]) for r in runs})
+    rows = [{**by_build[s if s in by_build else 0], "label": reference, "seed": s} for s in seeds]
+    paired = paired_differences([*runs, *rows], reference, ["accuracy", "kl_per_token"])
+    print(f"| variant minus its build's {reference} | Δ accuracy [95% CI] | Δ kl_per_token [95% CI]"
+          " | seeds |\n|---|---|---|---|")  # fmt: skip
+    for p in paired:
+        print(f"| {p['label']} | {interval(p, 'accuracy', 3)} | {interval(p, 'kl_per_token', 4)} "
+              f"| {int(p['n'])} |")  # fmt: skip
     print()
 
 
@@ -185,6 +203,7 @@ if runs:
     print(f"## {name}\n")
     describe(name)
     table(runs, STANDARD, refs)
+    print_minus_reference(name, runs)
     print_paired(name, (("accuracy", 3), ("kl_per_token", 4)))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     lams = sorted({r["lambda"] for r in runs})
@@ -220,6 +239,7 @@ for name in (
         print(f"## {name}\n")
         describe(name)
         table(runs, STANDARD, refs)
+        print_minus_reference(name, runs)
         divs = list(dict.fromkeys(r["divergence"] for r in runs))
         arms = [a for a in ("stop_grad", "stop_grad sublinear", "opd_plus")
                 if any(f"{d} {a}" in labels(runs) for d in divs)]  # fmt: skip
@@ -273,6 +293,7 @@ for name in ("levels", "levels_baseline-loo"):  # the plain runs, then a leave-o
         describe(name)
         diagnostics = [k for k in ("train_advantage_abs_mean", "train_grad_norm") if k in runs[0]]
         table(runs, [*STANDARD, *diagnostics], refs)
+        print_minus_reference(name, runs)
         if load(name, "paired_difference.csv"):
             print_paired(name, (("accuracy", 3), ("kl_per_token", 4)))
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
@@ -339,6 +360,7 @@ if runs:
     print(f"## {name}\n")
     describe(name)
     table(runs, [*STANDARD, "train_advantage_abs_mean"], refs)
+    print_minus_reference(name, runs)
     fig, ax = plt.subplots(1, 1, figsize=(7, 4))
     curves(ax, name, refs=refs)
     fig.suptitle("Support of the OPD term and task rewards")
@@ -358,6 +380,7 @@ if runs:
     print(f"## {name}\n")
     describe(name)
     table(runs, [*STANDARD, "train_time/update"], refs)
+    print_minus_reference(name, runs)
     fig, ax = plt.subplots(1, 1, figsize=(7, 4))
     curves(ax, name, refs=refs)
     fig.suptitle("LoRA r=8 vs full fine-tuning")
@@ -380,6 +403,7 @@ if runs:
     print(f"## {name}\n")
     describe(name)
     table(runs, [*STANDARD, "train_advantage_abs_mean"], refs)
+    print_minus_reference(name, runs)
     print_paired(name, (("accuracy", 3), ("kl_per_token", 4)))
     print("| student minus its teacher | Δ accuracy [95% CI] | seeds |\n|---|---|---|")
     for p in load(name, "minus_teacher.csv"):

@@ -199,7 +199,9 @@ def test_a_teacher_that_does_not_expect_the_students_stops_is_reported(assets, t
     )
     with caplog.at_level(logging.WARNING, logger="opdplus_jax.trainer"):
         trainer.train_and_evaluate(config, str(tmp_path), mesh=one_device())
-    gap = got["eos_logprob/student"] - got["eos_logprob/default"]
+    teacher = np.asarray(run.teacher_logprobs(rollout))
+    gap = np.median([student[i, ends[i]] - teacher[i, ends[i]] for i in stopped])
+    np.testing.assert_allclose(got["eos_gap/default"], gap, rtol=1e-5, atol=1e-6)
     said = [r.getMessage() for r in caplog.records if "end-of-sequence" in r.getMessage()]
     assert (len(said) == 1) == (gap > trainer.EOS_GAP_NATS), (gap, said)
     assert jnp.isfinite(gap)

@@ -226,14 +226,16 @@ if runs:
 # Stop-grad uses the advantage −f(u); OPD+ uses u f′(u) − f(u), the unbiased per-token
 # gradient of E_π[f(u)]. For reverse KL the two differ by a zero-mean constant. The claim under
 # test: OPD+ beats stop-grad for the other divergences. The paired difference (same seed, so the
-# same prompt order) removes the seed-to-seed variation shared by both corrections. The second
-# pass shows the leave-one-out baseline variant (`--set estimator.baseline=loo`) when it exists.
+# same prompt order) removes the seed-to-seed variation shared by both corrections. Further
+# passes show the leave-one-out baseline variant (`--set estimator.baseline=loo`) and the 10×
+# lower learning rate (`--set optimizer.learning_rate=0.0001`) when they exist.
 
 # %%
 for name in (
     "divergences",
     "divergences_baseline-loo",
-):  # the plain runs, then a leave-one-out baseline
+    "divergences_learning_rate-0.0001",
+):  # the plain runs, then a leave-one-out baseline, then a 10× lower learning rate
     runs, refs = load(name), references(name)
     if runs:
         print(f"## {name}\n")

@@ -89,21 +89,23 @@ def print_paired(name, keys):
     print()
 
 
-def print_minus_reference(name, runs, reference="base"):
-    """Each variant minus the `reference` model of its seed's build (results/<name>/
-    references.csv; with one build for every seed, that build), "mean [95% t interval]"."""
+def print_minus_reference(name, runs):
+    """Each variant minus its initial model of its seed's build (the `student` column's model,
+    the base by default; results/<name>/references.csv, one build for every seed if it has one
+    build), "mean [95% t interval]"."""
     refs = load(name, "references.csv")
     if not refs or "build" not in refs[0]:
         return
-    by_build = {int(r["build"]): r for r in refs if r["label"] == reference}
-    seeds = sorted({int(r["seed"]) for r in runs})
-    rows = [{**by_build[s if s in by_build else 0], "label": reference, "seed": s} for s in seeds]
-    paired = paired_differences([*runs, *rows], reference, ["accuracy", "kl_per_token"])
-    print(f"| variant minus its build's {reference} | Δ accuracy [95% CI] | Δ kl_per_token [95% CI]"
-          " | seeds |\n|---|---|---|---|")  # fmt: skip
-    for p in paired:
-        print(f"| {p['label']} | {interval(p, 'accuracy', 3)} | {interval(p, 'kl_per_token', 4)} "
-              f"| {int(p['n'])} |")  # fmt: skip
+    print("| variant | minus | Δ accuracy [95% CI] | Δ kl_per_token [95% CI] | seeds |")
+    print("|---|---|---|---|---|")
+    for start in dict.fromkeys(r.get("student", "base") for r in runs):
+        own = [r for r in runs if r.get("student", "base") == start]
+        by_build = {int(r["build"]): r for r in refs if r["label"] == start}
+        seeds = sorted({int(r["seed"]) for r in own})
+        rows = [{**by_build[s if s in by_build else 0], "seed": s} for s in seeds]
+        for p in paired_differences([*own, *rows], start, ["accuracy", "kl_per_token"]):
+            print(f"| {p['label']} | {start} | {interval(p, 'accuracy', 3)} | "
+                  f"{interval(p, 'kl_per_token', 4)} | {int(p['n'])} |")  # fmt: skip
     print()
 
 
@@ -176,6 +178,24 @@ def curves(ax, name, key="accuracy", refs=()):
         ax.axhline(ref[key], color="gray", ls=("--", ":", "-.")[i % 3], label=ref["label"])
     ax.set(xlabel="OPD step", ylabel=f"held-out {key}")
     ax.legend(fontsize=7, ncol=2)
+
+
+def single_teacher_section(name, keys, title, paired=()):
+    """An experiment of the standard flow: its table (with `keys` after the standard columns),
+    each run minus its build's base, the accuracy curves, and the paired differences of
+    accuracy, KL and `paired` (key, digits). Returns its runs ([] if it has not been run)."""
+    runs, refs = load(name), references(name)
+    if runs:
+        print(f"## {name}\n")
+        describe(name)
+        table(runs, [*STANDARD, *keys], refs)
+        print_minus_reference(name, runs)
+        fig, ax = plt.subplots(1, 1, figsize=(7, 4))
+        curves(ax, name, refs=refs)
+        fig.suptitle(title)
+        save(fig, name)
+        print_paired(name, (("accuracy", 3), ("kl_per_token", 4), *paired))
+    return runs
 
 
 def save(fig, name):
@@ -356,18 +376,8 @@ if runs:
 # paired table is each variant minus the sampled run of the same seed, with a 95% t interval.
 
 # %%
-name = "supports"
-runs, refs = load(name), references(name)
-if runs:
-    print(f"## {name}\n")
-    describe(name)
-    table(runs, [*STANDARD, "train_advantage_abs_mean"], refs)
-    print_minus_reference(name, runs)
-    fig, ax = plt.subplots(1, 1, figsize=(7, 4))
-    curves(ax, name, refs=refs)
-    fig.suptitle("Support of the OPD term and task rewards")
-    save(fig, name)
-    print_paired(name, (("accuracy", 3), ("kl_per_token", 4)))
+runs = single_teacher_section("supports", ["train_advantage_abs_mean"],
+                              "Support of the OPD term and task rewards")  # fmt: skip
 
 # %% [markdown]
 # ## (f) LoRA students
@@ -376,18 +386,8 @@ if runs:
 # accuracy, KL, and the update's wall time per step (last 5 steps).
 
 # %%
-name = "lora"
-runs, refs = load(name), references(name)
-if runs:
-    print(f"## {name}\n")
-    describe(name)
-    table(runs, [*STANDARD, "train_time/update"], refs)
-    print_minus_reference(name, runs)
-    fig, ax = plt.subplots(1, 1, figsize=(7, 4))
-    curves(ax, name, refs=refs)
-    fig.suptitle("LoRA r=8 vs full fine-tuning")
-    save(fig, name)
-    print_paired(name, (("accuracy", 3), ("kl_per_token", 4), ("train_time/update", 3)))
+runs = single_teacher_section("lora", ["train_time/update"], "LoRA r=8 vs full fine-tuning",
+                              [("train_time/update", 3)])  # fmt: skip
 
 # %% [markdown]
 # ## (g) ExOPD with an imperfect teacher, and reward correction
@@ -400,21 +400,13 @@ if runs:
 
 # %%
 name = "exopd"
-runs, refs = load(name), references(name)
+runs = single_teacher_section(name, ["train_advantage_abs_mean"],
+                              "ExOPD with an imperfect teacher")  # fmt: skip
 if runs:
-    print(f"## {name}\n")
-    describe(name)
-    table(runs, [*STANDARD, "train_advantage_abs_mean"], refs)
-    print_minus_reference(name, runs)
-    print_paired(name, (("accuracy", 3), ("kl_per_token", 4)))
     print("| student minus its teacher | Δ accuracy [95% CI] | seeds |\n|---|---|---|")
     for p in load(name, "minus_teacher.csv"):
         print(f"| {p['label']} | {interval(p, 'accuracy', 3)} | {int(p['n'])} |")
     print()
-    fig, ax = plt.subplots(1, 1, figsize=(7, 4))
-    curves(ax, name, refs=refs)
-    fig.suptitle("ExOPD with an imperfect teacher")
-    save(fig, name)
 
 # %% [markdown]
 # ## Reading the numbers

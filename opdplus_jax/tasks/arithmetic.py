@@ -97,14 +97,6 @@ class Multiplication(_IntegerAnswerTask):
         check_range(self.min_digits, self.max_digits, "digits", 1, 30)
         check_range(self.min_multiplier, self.max_multiplier, "multiplier", 0, 9)
 
-    def split_key(self, prompt: str) -> str:
-        """``a+b`` with the smaller operand first: a sum and its swapped twin share a split."""
-        found = _ADDITION.fullmatch(prompt)
-        if found is None:
-            return prompt
-        a, b = sorted(int(x) for x in found.groups())
-        return f"{a}+{b}"
-
     def sample(self, rng: random.Random) -> Example:
         a = _number(rng, rng.randint(self.min_digits, self.max_digits))
         m = rng.randint(self.min_multiplier, self.max_multiplier)

@@ -407,6 +407,13 @@ if runs:
     for p in load(name, "minus_teacher.csv"):
         print(f"| {p['label']} | {interval(p, 'accuracy', 3)} | {int(p['n'])} |")
     print()
+    # Reward correction against the student's own reference, both at λ = 1.25, paired by seed.
+    corrected, own = "small λ=1.25, ref=teacher's base", "small λ=1.25, ref=student_init"
+    pair = [r for r in runs if r["label"] in (corrected, own)]
+    for p in paired_differences(pair, own, ["accuracy", "kl_per_token"]) if pair else []:
+        print(f"reward correction minus the student's own reference: accuracy "
+              f"{interval(p, 'accuracy', 3)}, KL {interval(p, 'kl_per_token', 4)} "
+              f"({int(p['n'])} seeds)\n")  # fmt: skip
 
 # %% [markdown]
 # ## Reading the numbers

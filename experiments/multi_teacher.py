@@ -50,7 +50,8 @@ def build_data(cache: str, s: demo.Settings, quick: bool) -> dict:
     """Tokenizer, clean per-domain and mixed train/test files, the base's sloppy SFT mix."""
     folder = os.path.join(cache, "data")
     n_train, n_test = (s.num_train, s.num_test) if quick else (NUM_TRAIN, NUM_TEST)
-    key = {"n": [n_train, n_test], "tools": TOOLS, "sloppy": SLOPPY_FRACTION, "seed": s.seed}
+    key = {"n": [n_train, n_test], "tools": TOOLS, "sloppy": SLOPPY_FRACTION, "seed": s.seed,
+           "data_version": demo.DATA_VERSION}  # fmt: skip
     info = demo.lookup_stage(folder, key)
     if info is not None:
         return info

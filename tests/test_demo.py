@@ -80,6 +80,8 @@ def test_changed_settings_rebuild_only_what_depends_on_them(first_run):
     cache, _ = first_run
     data_info = demo.build_data(cache, TINY)
     assert data_info["cached"]
+    # The data's generator version is part of the key: an older cache is rebuilt, not reused.
+    assert data_info["key"]["data_version"] == demo.DATA_VERSION
     config = demo.distill_config("cpu", cache, OVERRIDES)
     base = demo.ModelStage("base", "base_sft.jsonl", TINY.base_steps)
     assert demo.build_model(base, cache, TINY, config, data_info["key"])["cached"]

@@ -44,6 +44,7 @@ from opdplus_jax.demo.main import (
 )
 from opdplus_jax.demo.report import evaluate_model, format_table, write_plots
 from opdplus_jax.demo.stages import (
+    DATA_VERSION,
     MODEL_NAMES,
     STAGE_FILE,
     ModelStage,
@@ -59,6 +60,7 @@ from opdplus_jax.demo.stages import (
 )
 
 __all__ = [
+    "DATA_VERSION",
     "DEMO_MARKER",
     "MODEL_NAMES",
     "PRESETS",

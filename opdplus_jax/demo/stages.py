@@ -34,6 +34,9 @@ from opdplus_jax.tasks import tokenizer as task_tokenizer
 from opdplus_jax.tokenizer import Tokenizer
 
 STAGE_FILE = "demo_stage.json"  # written last into a finished stage's folder
+# Part of every data stage's key: bumped when the same settings generate other data, so that a
+# cache built by an older version is rebuilt, never reused. 2: splits hash `Task.split_key`.
+DATA_VERSION = 2
 MODEL_NAMES = ("tokenizer", "base", "teacher", "small_base")
 
 
@@ -165,6 +168,7 @@ def build_data(cache_dir: str, s: Settings) -> dict[str, Any]:
         k: getattr(s, k)
         for k in ("min_digits", "max_digits", "num_train", "num_test", "sloppy_fraction", "seed")
     }
+    key["data_version"] = DATA_VERSION
     info = lookup_stage(folder, key)
     if info is not None and os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
         return {**info, "cached": True}

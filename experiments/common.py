@@ -427,8 +427,7 @@ def demo_experiment(
                                    for k, v in built.items()}  # fmt: skip
         config = demo.distill_config("cpu", folder, in_build(base_overrides, folder))
         paths = {name: os.path.join(folder, "models", name) for name in references}
-        refs += reference_rows(config, paths[teacher] if teacher in paths else
-                               os.path.join(folder, "models", teacher), paths, build=b)  # fmt: skip
+        refs += reference_rows(config, os.path.join(folder, "models", teacher), paths, build=b)
 
     def make(overrides, seed):
         folder = build_dir(args, build_of(args, seed))

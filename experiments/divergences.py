@@ -56,13 +56,10 @@ def main(argv=None) -> dict:
     res = common.demo_experiment(args, variants, FULL, ["divergence", "correction", "gauge"], desc)
     # Paired view (same seed: same data order and rollout keys): OPD+ minus each stop-grad arm.
     keys = [k for k, _, _ in PAIRED_METRICS]
-    paired = []
-    for d in divs:
-        for arm in (f"{d} stop_grad", f"{d} stop_grad sublinear"):
-            runs = [r for r in res["runs"] if r["label"] in (f"{d} opd_plus", arm)]
-            if any(r["label"] == arm for r in runs):
-                rows = outputs.paired_differences(runs, arm, keys)
-                paired += [{"divergence": d, **row} for row in rows]
+    pairs = [(f"{d} opd_plus", arm) for d in divs
+             for arm in (f"{d} stop_grad", f"{d} stop_grad sublinear")]  # fmt: skip
+    paired = [{"divergence": row["label"].split()[0], **row}
+              for row in outputs.paired_by_pair(res["runs"], pairs, keys)]  # fmt: skip
     outputs.write_csv(os.path.join(args.out, "paired_difference.csv"), paired)
     outputs.plot_bars(
         os.path.join(args.out, "paired_difference.png"),

@@ -57,13 +57,6 @@ PAIRED_METRICS = (
 )
 
 
-def teacher_rows(args, refs: list[dict]) -> list[dict]:
-    """The weak teacher's accuracy as a run row per seed (that seed's build)."""
-    acc = {r["build"]: r["accuracy"] for r in refs if r["label"] == "weak_teacher"}
-    return [{"label": "teacher", "seed": seed, "accuracy": acc[common.build_of(args, seed)]}
-            for seed in range(args.seeds)]  # fmt: skip
-
-
 def main(argv=None) -> dict:
     args = common.parse_args(NAME, __doc__.splitlines()[0], argv)
     settings, _ = common.scale(args, FULL)
@@ -79,14 +72,13 @@ def main(argv=None) -> dict:
         args, variants, FULL, ["student", "lambda", "reference"], desc, extra=extra,
         references=("base", "small_base", "weak_teacher", "teacher"), teacher="weak_teacher",
     )  # fmt: skip
-    paired = []
-    for label, against in AGAINST.items():
-        runs = [r for r in res["runs"] if r["label"] in (label, against)]
-        if any(r["label"] == label for r in runs) and any(r["label"] == against for r in runs):
-            paired += outputs.paired_differences(runs, against, [k for k, _, _ in PAIRED_METRICS])
-    vs_teacher = outputs.paired_differences(
-        res["runs"] + teacher_rows(args, res["refs"]), "teacher", ["accuracy"]
+    keys = [k for k, _, _ in PAIRED_METRICS]
+    paired = outputs.paired_by_pair(res["runs"], list(AGAINST.items()), keys)
+    build_of = lambda seed: common.build_of(args, seed)
+    teacher = outputs.reference_runs(
+        res["refs"], "weak_teacher", range(args.seeds), build_of, label="teacher"
     )
+    vs_teacher = outputs.paired_differences(res["runs"] + teacher, "teacher", ["accuracy"])
     outputs.write_csv(f"{args.out}/paired_difference.csv", paired)
     outputs.write_csv(f"{args.out}/minus_teacher.csv", vs_teacher)
     tables = {

@@ -54,15 +54,11 @@ def main(argv=None) -> dict:
     res = common.demo_experiment(args, variants, FULL, columns, desc, metric_columns=DIAGNOSTICS)
     # Paired view: each level minus token level γ = 0 of the same divergence and learning rate.
     keys = [k for k, _, _ in PAIRED_METRICS]
-    paired = []
-    for v in variants:
-        d, lr = v.columns["divergence"], v.columns["learning_rate"]
-        base = next(w.label for w in variants if w.columns["divergence"] == d
-                    and w.columns["learning_rate"] == lr and w.columns["discount"] == 0.0
-                    and w.columns["level"] == "token")  # fmt: skip
-        if v.label != base:
-            runs = [r for r in res["runs"] if r["label"] in (v.label, base)]
-            paired += outputs.paired_differences(runs, base, keys)
+    myopic = {(v.columns["divergence"], v.columns["learning_rate"]): v.label for v in variants
+              if v.columns["level"] == "token" and v.columns["discount"] == 0.0}  # fmt: skip
+    pairs = [(v.label, myopic[v.columns["divergence"], v.columns["learning_rate"]])
+             for v in variants if v.label not in myopic.values()]  # fmt: skip
+    paired = outputs.paired_by_pair(res["runs"], pairs, keys)
     outputs.write_csv(os.path.join(args.out, "paired_difference.csv"), paired)
     tables = {
         "Final held-out metrics (mean ± std over seeds)": res["table"],

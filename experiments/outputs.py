@@ -108,6 +108,32 @@ def paired_differences(
     return out
 
 
+def paired_by_pair(
+    runs: Sequence[dict], pairs: Sequence[tuple[str, str]], keys: Sequence[str]
+) -> list[dict]:
+    """`paired_differences` of each (label, against) pair in `pairs`, in order; a pair with no
+    runs on either side is skipped."""
+    out = []
+    for label, against in pairs:
+        two = [r for r in runs if r["label"] in (label, against)]
+        if {r["label"] for r in two} == {label, against}:
+            out += paired_differences(two, against, keys)
+    return out
+
+
+def reference_runs(
+    refs: Sequence[dict],
+    model: str,
+    seeds: Sequence[int],
+    build_of: Callable[[int], int],
+    label: str | None = None,
+) -> list[dict]:
+    """The reference model `model` (references.csv rows, one per build) as one run row per seed:
+    that seed's build's row, labelled `label` (default `model`), to pair runs against it."""
+    by_build = {int(float(r["build"])): r for r in refs if r["label"] == model}
+    return [{**by_build[build_of(s)], "label": label or model, "seed": s} for s in seeds]
+
+
 def write_paired(
     out: str, runs: Sequence[dict], against: str, metrics_: Sequence[tuple[str, str, int]]
 ) -> str:

@@ -52,7 +52,13 @@ SMALL = os.environ.get("OPDPLUS_NOTEBOOK_SMALL", "0") not in ("", "0")
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # the repository root: `experiments` is not installed
-from experiments.outputs import mean_references, paired_differences, read_csv
+from experiments.outputs import (
+    mean_references,
+    paired_by_pair,
+    paired_differences,
+    read_csv,
+    reference_runs,
+)
 
 RESULTS = Path(os.environ.get("OPDPLUS_RESULTS_DIR", HERE.parent / "experiments" / "results"))
 FIGURES = HERE / "figures"
@@ -98,11 +104,12 @@ def print_minus_reference(name, runs):
         return
     print("| variant | minus | Δ accuracy [95% CI] | Δ kl_per_token [95% CI] | seeds |")
     print("|---|---|---|---|---|")
+    builds = {int(r["build"]) for r in refs}
+    build_of = lambda seed: seed if seed in builds else 0  # --one_build: every seed on build 0
     for start in dict.fromkeys(r.get("student", "base") for r in runs):
         own = [r for r in runs if r.get("student", "base") == start]
-        by_build = {int(r["build"]): r for r in refs if r["label"] == start}
         seeds = sorted({int(r["seed"]) for r in own})
-        rows = [{**by_build[s if s in by_build else 0], "seed": s} for s in seeds]
+        rows = reference_runs(refs, start, seeds, build_of)
         for p in paired_differences([*own, *rows], start, ["accuracy", "kl_per_token"]):
             print(f"| {p['label']} | {start} | {interval(p, 'accuracy', 3)} | "
                   f"{interval(p, 'kl_per_token', 4)} | {int(p['n'])} |")  # fmt: skip
@@ -409,8 +416,7 @@ if runs:
     print()
     # Reward correction against the student's own reference, both at λ = 1.25, paired by seed.
     corrected, own = "small λ=1.25, ref=teacher's base", "small λ=1.25, ref=student_init"
-    pair = [r for r in runs if r["label"] in (corrected, own)]
-    for p in paired_differences(pair, own, ["accuracy", "kl_per_token"]) if pair else []:
+    for p in paired_by_pair(runs, [(corrected, own)], ["accuracy", "kl_per_token"]):
         print(f"reward correction minus the student's own reference: accuracy "
               f"{interval(p, 'accuracy', 3)}, KL {interval(p, 'kl_per_token', 4)} "
               f"({int(p['n'])} seeds)\n")  # fmt: skip

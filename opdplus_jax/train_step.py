@@ -408,9 +408,8 @@ def _advantages(
         rows = _rows(mb, spans[k])
         ls = _rows(logp_sg, spans[k])
         mask = rows.mask
-        if cfg.retokenized_teachers[
-            k
-        ]:  # group level: the teacher's group log-probs came with the rows
+        grouped = cfg.retokenized_teachers[k]
+        if grouped:  # group level: the teacher's group log-probs came with the rows
             ls, lt, mask = _group_sums(ls, rows), rows.teacher_group_logp, rows.teacher_group_mask
         ref = cfg.reference_of[k]
         est = estimators.estimate(
@@ -426,9 +425,7 @@ def _advantages(
             log_ratio_clip=cfg.log_ratio_clip,
         )
         adv = est.advantages
-        if cfg.retokenized_teachers[
-            k
-        ]:  # every student token of a group takes the group's advantage
+        if grouped:  # every student token of a group takes the group's advantage
             adv = jnp.take_along_axis(adv, rows.teacher_group, axis=1) * (rows.mask > 0)
         advs.append(adv)
         log_us.append(est.log_ratio)

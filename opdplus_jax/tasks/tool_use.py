@@ -65,6 +65,14 @@ TOOLS: dict[str, Tool] = {
 }
 
 
+# (tool, its question as a regex with the two integers captured) for every symmetric tool.
+_SYMMETRIC_QUESTIONS = [
+    (t, re.compile(re.escape(t.question).replace(r"\{a\}", r"(\d+)").replace(r"\{b\}", r"(\d+)")))
+    for t in TOOLS.values()
+    if t.symmetric
+]
+
+
 def _check_arg(tool: Tool, name: str, kind: type, value: Any) -> None:
     if kind is int:
         if type(value) is not int:
@@ -148,13 +156,11 @@ class ToolUse(Task):
 
     def split_key(self, prompt: str) -> str:
         """A symmetric tool's question with its two integers in increasing order."""
-        for tool in TOOLS.values():
-            if tool.symmetric:
-                pattern = re.escape(tool.question).replace(r"\{a\}", r"(\d+)")
-                found = re.fullmatch(pattern.replace(r"\{b\}", r"(\d+)"), prompt)
-                if found:
-                    a, b = sorted(int(x) for x in found.groups())
-                    return tool.question.format(a=a, b=b)
+        for tool, pattern in _SYMMETRIC_QUESTIONS:
+            found = pattern.fullmatch(prompt)
+            if found:
+                a, b = sorted(int(x) for x in found.groups())
+                return tool.question.format(a=a, b=b)
         return prompt
 
     def verify(self, response_text: str, example: Example | Mapping[str, Any] | str) -> float:
